@@ -1,0 +1,42 @@
+# spitwall: `make demo` and `make test` set everything up on a fresh Debian 12 machine.
+SHELL := /bin/bash
+PY    := /usr/bin/python3
+VENV  := .venv
+VPY   := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test unit integration lint typecheck bench clean
+
+setup: $(STAMP)
+
+# The apt part lives in vagrant/provision.sh (idempotent; CI and Vagrant run the same script).
+$(STAMP): pyproject.toml vagrant/provision.sh
+	bash vagrant/provision.sh
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VPY) -m ops.demo
+
+test: setup lint typecheck
+	$(VPY) -m pytest -q -p no:cacheprovider tests
+
+unit: setup
+	$(VPY) -m pytest -q -p no:cacheprovider tests/unit
+
+integration: setup
+	$(VPY) -m pytest -q -p no:cacheprovider -m integration tests/integration
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+typecheck: setup
+	$(VENV)/bin/mypy kemi scoring lists ops
+
+bench: setup
+	$(VPY) bench/load.py
+
+clean:
+	rm -rf $(VENV) .lab .mypy_cache .ruff_cache

@@ -1,0 +1,68 @@
+"""Translate a Kamailio message (through KSR) into a plain, bounded `CallAttempt`.
+
+Header values are attacker-controlled. Each one is cut to a fixed length and stripped of
+control characters here, once, so nothing downstream (Redis keys, logs, headers we add) ever
+sees a 10 KB From or a CR/LF inside a display name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import KSR
+
+from scoring.model import CallAttempt
+
+LIMITS = {"call_id": 256, "uri": 256, "user": 128, "domain": 128, "display": 64, "ua": 256}
+_CONTROL = dict.fromkeys(range(32), None) | {127: None}
+
+
+def clean(value: Any, limit: int) -> str:
+    """A printable, bounded string; None and non-strings become ''."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    elif not isinstance(value, str):
+        value = str(value)
+    text: str = value[: limit * 2].translate(_CONTROL)[:limit]
+    return text
+
+
+def _pv(name: str, limit: int) -> str:
+    return clean(KSR.pv.get(name), limit)
+
+
+def _present(header: str) -> bool:
+    return int(KSR.hdr.is_present(header)) > 0
+
+
+def build_attempt() -> CallAttempt:
+    """The current request as a `CallAttempt` (call only from a request route)."""
+    try:
+        port = int(KSR.pv.get("$sp") or 0)
+    except (TypeError, ValueError):
+        port = 0
+    sdp = int(KSR.textops.has_body_type("application/sdp")) > 0 if _present("Content-Type") \
+        else False
+    return CallAttempt(
+        call_id=_pv("$ci", LIMITS["call_id"]),
+        source_ip=_pv("$si", 64),
+        source_port=port,
+        transport=_pv("$pr", 8).lower() or "udp",
+        from_uri=_pv("$fu", LIMITS["uri"]),
+        from_user=_pv("$fU", LIMITS["user"]),
+        from_domain=_pv("$fd", LIMITS["domain"]).lower(),
+        from_display=_pv("$fn", LIMITS["display"]),
+        to_uri=_pv("$tu", LIMITS["uri"]),
+        to_user=_pv("$tU", LIMITS["user"]),
+        request_uri=_pv("$ru", LIMITS["uri"]),
+        ruri_user=_pv("$rU", LIMITS["user"]),
+        ruri_domain=_pv("$rd", LIMITS["domain"]).lower(),
+        pai=_pv("$ai", LIMITS["uri"]),
+        user_agent=_pv("$ua", LIMITS["ua"]),
+        contact=_pv("$ct", LIMITS["uri"]),
+        has_identity=_present("Identity"),
+        has_alert_info=_present("Alert-Info"),
+        has_sdp=sdp,
+    )

@@ -1,0 +1,317 @@
+"""spitwall's KEMI entry point, loaded by app_python3 (`modparam("app_python3", "load", ...)`).
+
+This file is the only place, with `kemi/attempt.py`, that touches KSR. It routes SIP like a
+plain stateful proxy (sanity, max-forwards, record-route, loose-route, CANCEL, OPTIONS
+keep-alive) and hands every initial INVITE to the scoring service, then applies the decision:
+relay with `X-Spitwall-Score`, divert to the answering machine with `Diversion`, or reject with
+603/608. Every route is wrapped in an exception barrier: a Python error is logged and counted and
+the call is relayed unscored, never dropped.
+
+Carriers with their own cfg can load this file and call `python_exec("spitwall_invite")` from
+their native route for initial INVITEs; it scores the call and sets `$avp(spitwall_rc)` to 1 to
+relay (header added), 2 when the call was diverted (R-URI rewritten; relay it), or 0 when a
+reply was already sent (reject), and `$avp(spitwall_action)` to relay/divert/reject.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import site
+import sys
+import traceback
+from typing import Any
+
+
+def _root() -> str:
+    here: str | None = globals().get("__file__")
+    if here:
+        return os.path.dirname(os.path.dirname(os.path.abspath(here)))
+    return os.environ.get("SPITWALL_ROOT", os.getcwd())
+
+
+def _add_venv(root: str) -> None:
+    """Put the project venv's site-packages (and the repo root) ahead of dist-packages."""
+    venv = os.environ.get("SPITWALL_VENV", os.path.join(root, ".venv"))
+    ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    before = list(sys.path)
+    sp = os.path.join(venv, "lib", ver, "site-packages")
+    if os.path.isdir(sp):
+        site.addsitedir(sp)
+    added = [p for p in sys.path if p not in before]
+    rest = [p for p in sys.path if p in before and p != root]
+    sys.path[:] = [root, *added, *rest]
+
+
+_add_venv(_root())
+
+import KSR  # noqa: E402
+
+from kemi.attempt import build_attempt, clean  # noqa: E402
+from scoring.model import Action, Decision  # noqa: E402
+from scoring.service import ScoringService  # noqa: E402
+from scoring.store import Store  # noqa: E402
+
+_USER_SAFE = re.compile(r"[^A-Za-z0-9\-_.!~*'()&=+$,;?/]")
+_HOST_SAFE = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,253}$")
+
+
+class KsrLogHandler(logging.Handler):
+    """Send Python logging to Kamailio's log (so it lands where operators look)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = clean(self.format(record), 2000) + "\n"
+            if record.levelno >= logging.ERROR:
+                KSR.err(text)
+            elif record.levelno >= logging.WARNING:
+                KSR.warn(text)
+            else:
+                KSR.info(text)
+        except Exception:  # logging must never raise into a route
+            self.handleError(record)
+
+
+log = logging.getLogger("spitwall")
+
+
+def _setting(define: str, env: str, default: str) -> str:
+    """A start-time setting: `-A NAME=value` define, else environment, else default."""
+    value = None
+    try:
+        value = KSR.pv.get(f"$def({define})")
+    except Exception as exc:  # $def may be unavailable outside a message context
+        log.debug("$def(%s) unavailable: %r", define, exc)
+    if value in (None, "", "<null>"):
+        value = os.environ.get(env, default)
+    text = str(value).strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    return text
+
+
+def sip_uri(user: str, domain: str) -> str:
+    """A SIP URI safe to place inside <> of a header we add."""
+    host = domain if _HOST_SAFE.match(domain) else "invalid"
+    esc = _USER_SAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), user)
+    return f"sip:{esc}@{host}" if esc else f"sip:{host}"
+
+
+class Handler:
+    """The object app_python3 calls for every route."""
+
+    def __init__(self) -> None:
+        self.service: ScoringService | None = None
+        self.pid = 0
+        self.redis_url = "redis://127.0.0.1:6379/0"
+        self.next_hop = ""
+        self.media_uri = ""
+        self.timeout = 0.2
+        self.errors = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def child_init(self, rank: int) -> int:
+        try:
+            self._settings()
+            if rank >= 0 or rank == -1:  # SIP workers and other forked children
+                self._ensure_service()
+        except Exception:
+            self._barrier("child_init")
+        return 0
+
+    def _settings(self) -> None:
+        self.redis_url = _setting("REDIS_URL", "SPITWALL_REDIS", "redis://127.0.0.1:6379/0")
+        nh = _setting("NEXT_HOP", "SPITWALL_NEXT_HOP", "")
+        self.next_hop = "" if nh.lower() in ("", "none") else nh
+        mu = _setting("MEDIA_URI", "SPITWALL_MEDIA_URI", "")
+        self.media_uri = "" if mu.lower() in ("", "none") else mu
+        try:
+            self.timeout = float(_setting("REDIS_TIMEOUT", "SPITWALL_REDIS_TIMEOUT", "0.2"))
+        except ValueError:
+            self.timeout = 0.2
+
+    def _ensure_service(self) -> ScoringService:
+        # Connections are per process: make them after fork, never at import time.
+        if self.service is None or self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.service = ScoringService(Store(self.redis_url, timeout=self.timeout))
+        return self.service
+
+    def _barrier(self, where: str) -> None:
+        self.errors += 1
+        text = traceback.format_exc(limit=6).replace("\n", " | ")
+        KSR.err(f"spitwall: error in {where} (call goes on unscored): {clean(text, 1500)}\n")
+
+    # -- routes ------------------------------------------------------------------------
+    def ksr_request_route(self, msg: Any) -> int:
+        try:
+            return self._request_route()
+        except Exception:
+            self._barrier("request_route")
+            # Last resort: keep the call alive.
+            if KSR.tm.t_relay() < 0:
+                KSR.sl.sl_reply_error()
+            return 1
+
+    def ksr_reply_route(self, msg: Any) -> int:
+        return 1
+
+    def ksr_onsend_route(self, msg: Any) -> int:
+        return 1
+
+    def ksr_failure_manage(self, msg: Any) -> int:
+        try:
+            if KSR.tm.t_is_canceled() > 0:
+                return 1
+        except Exception:
+            self._barrier("failure_route")
+        return 1
+
+    def ksr_branch_manage(self, msg: Any) -> int:
+        return 1
+
+    def ksr_onreply_manage(self, msg: Any) -> int:
+        return 1
+
+    # -- request routing -----------------------------------------------------------------
+    def _request_route(self) -> int:
+        if KSR.maxfwd.process_maxfwd(10) < 0:
+            KSR.sl.sl_send_reply(483, "Too Many Hops")
+            return 1
+        if KSR.sanity.sanity_check(17895, 7) < 0:
+            KSR.err(f"spitwall: malformed request from {KSR.pv.get('$si')}\n")
+            return 1
+
+        if not KSR.is_INVITE() and not KSR.is_ACK() and not KSR.is_CANCEL() \
+                and KSR.siputils.has_totag() < 0 and self._scanner_non_invite():
+            return 1
+
+        if KSR.is_OPTIONS() and KSR.is_myself_ruri() and KSR.pv.get("$rU") is None:
+            KSR.sl.sl_send_reply(200, "Keepalive")
+            return 1
+
+        if KSR.is_CANCEL():
+            if KSR.tm.t_check_trans() > 0:
+                self._relay(set_next_hop=False)
+            return 1
+
+        if KSR.siputils.has_totag() > 0:
+            return self._within_dialog()
+
+        if KSR.tm.t_check_trans() == 0:  # retransmission absorbed by tm
+            return 1
+        if KSR.is_ACK():  # stray ACK without transaction
+            return 1
+
+        self._strip_own_headers()
+        if KSR.is_method_in("IS"):  # INVITE or SUBSCRIBE open dialogs through us
+            KSR.rr.record_route()
+
+        if KSR.is_INVITE():
+            rc = self.spitwall_invite(None)
+            if rc == 0:
+                return 1
+            self._relay(set_next_hop=(rc == 1))
+            return 1
+        self._relay(set_next_hop=True)
+        return 1
+
+    def _within_dialog(self) -> int:
+        if KSR.rr.loose_route() > 0:
+            self._relay(set_next_hop=False)
+            return 1
+        if KSR.is_ACK():
+            if KSR.tm.t_check_trans() > 0:
+                self._relay(set_next_hop=False)
+            return 1
+        KSR.sl.sl_send_reply(404, "Not here")
+        return 1
+
+    def _relay(self, *, set_next_hop: bool) -> None:
+        if set_next_hop and self.next_hop and KSR.pv.get("$du") is None:
+            KSR.setdsturi(self.next_hop)
+        if KSR.is_INVITE():
+            KSR.tm.t_on_failure("ksr_failure_manage")
+        if KSR.tm.t_relay() < 0:
+            KSR.sl.sl_reply_error()
+
+    def _strip_own_headers(self) -> None:
+        """Callers must not forge the headers that we add for the core."""
+        svc = self.service
+        name = str(svc.config["score_header"]) if svc is not None else "X-Spitwall-Score"
+        for header in {name, "X-Spitwall-Score"}:
+            if header and KSR.hdr.is_present(header) > 0:
+                KSR.hdr.remove(header)
+
+    def _scanner_non_invite(self) -> bool:
+        """Drop or reject out-of-dialog non-INVITE requests from scanner User-Agents."""
+        svc = self._ensure_service()
+        ua = clean(KSR.pv.get("$ua"), 256)
+        if not ua:
+            return False
+        hit = svc.scanner_probe(clean(KSR.pv.get("$si"), 64), ua)
+        if hit is None:
+            return False
+        action = str(svc.config["scanner.non_invite"])
+        if action == "ignore":
+            return False
+        if action == "reject":
+            KSR.sl.sl_send_reply(403, "Forbidden")
+        return True  # drop: say nothing
+
+    # -- scoring -------------------------------------------------------------------------
+    def spitwall_invite(self, msg: Any) -> int:
+        """Score an initial INVITE and apply the decision (also callable by python_exec).
+
+        Returns 1 relay, 2 diverted (relay to the new R-URI), 0 reply already sent.
+        """
+        try:
+            svc = self._ensure_service()
+            attempt = build_attempt()
+            decision = svc.score(attempt)
+        except Exception:
+            self._barrier("scoring")
+            return 1
+        try:
+            rc = self._apply(decision, svc)
+        except Exception:
+            self._barrier("apply")
+            return 1
+        # For native cfg callers of python_exec: $avp(spitwall_rc) and $avp(spitwall_action).
+        KSR.pv.seti("$avp(spitwall_rc)", rc)
+        KSR.pv.sets("$avp(spitwall_action)", decision.action.value)
+        return rc
+
+    def _apply(self, decision: Decision, svc: ScoringService) -> int:
+        if decision.action is Action.REJECT:
+            code = int(svc.config["reject_code"])
+            KSR.tm.t_newtran()
+            KSR.tm.t_reply(code, "Rejected" if code == 608 else "Decline")
+            return 0
+        if decision.action is Action.DIVERT and self.media_uri:
+            orig = sip_uri(clean(KSR.pv.get("$rU"), 128), clean(KSR.pv.get("$rd"), 128))
+            KSR.hdr.append(
+                f"Diversion: <{orig}>;reason=unknown;counter=1;"
+                f"spitwall-score={decision.score:.2f}\r\n"
+            )
+            KSR.setruri(self.media_uri)
+            KSR.resetdsturi()
+            return 2
+        if decision.action is Action.DIVERT:
+            log.warning("divert decided but no MEDIA_URI configured: relaying")
+        header = str(svc.config["score_header"])
+        if header and decision.rule != "disabled" and decision.rule != "allowlist":
+            KSR.hdr.append(f"{header}: {decision.score:.2f}\r\n")
+        return 1
+
+
+def mod_init() -> Handler:
+    root = logging.getLogger("spitwall")
+    if not any(isinstance(h, KsrLogHandler) for h in root.handlers):
+        h = KsrLogHandler()
+        h.setFormatter(logging.Formatter("spitwall %(name)s: %(message)s"))
+        root.addHandler(h)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    return Handler()

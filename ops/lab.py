@@ -1,0 +1,748 @@
+"""The lab runner: ``spitwall lab up|down|status``.
+
+A lab is a set of real processes on loopback -- redis-server (unless an existing Redis is given),
+Kamailio with the project's ``kamailio.cfg`` and, once they exist, the answering machine and the
+delivery worker -- whose pids, addresses and logs are recorded in ``WORKDIR/lab.json``. ``down``
+stops exactly the pids recorded there (after checking /proc that each still runs the program we
+started), so a lab never kills anything it did not start, and several labs can run side by side
+in different work directories (every port defaults to a free one).
+
+The integration tests drive the same code through :class:`Lab`, so what they exercise is what an
+operator runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ops.procs import (
+    ProcessMismatch,
+    free_port,
+    pid_alive,
+    pid_matches,
+    redis_ping,
+    sip_options_ping,
+    start_process,
+    stop_pid,
+    wait_until,
+)
+
+__all__ = [
+    "EXTRA_SERVICES",
+    "REPO_ROOT",
+    "ExtraService",
+    "Lab",
+    "LabError",
+    "LabState",
+    "ServiceStatus",
+    "main",
+    "register",
+    "start_redis_server",
+]
+
+log = logging.getLogger(__name__)
+
+#: The repository root: the parent of the ``ops/`` package. Kamailio gets it as SPITWALL_ROOT so
+#: that the cfg can find ``kemi/handler.py`` without any installed path.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = Path(".lab")
+DEFAULT_KAMAILIO_CFG = REPO_ROOT / "kamailio.cfg"
+DEFAULT_CHILDREN = 4
+STATE_FILE = "lab.json"
+LOCK_FILE = "lab.lock"
+KAMAILIO_READY_TIMEOUT = 15.0
+REDIS_READY_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+LOG_TAIL_LINES = 20
+STATE_VERSION = 1
+
+
+class LabError(Exception):
+    """An expected failure, reported to the operator as one line (plus an optional log tail)."""
+
+    def __init__(self, message: str, log_tail: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.log_tail = list(log_tail)
+
+
+@dataclass
+class LabState:
+    """Everything needed to reach, probe and stop a running lab; persisted as ``lab.json``.
+
+    ``pids`` is in start order; ``down`` stops in reverse (extra services, then Kamailio, then
+    Redis), so nothing loses a dependency while still running. ``expect`` holds, per service, the
+    strings /proc/<pid>/cmdline must contain before we signal that pid (pid-reuse guard).
+    """
+
+    workdir: str
+    sip_addr: str
+    sip_port: int
+    redis_url: str
+    next_hop: str | None
+    media_uri: str
+    children: int
+    kamailio_cfg: str
+    own_redis: bool
+    pids: dict[str, int] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+    expect: dict[str, list[str]] = field(default_factory=dict)
+    started_at: float = 0.0
+    version: int = STATE_VERSION
+
+    @property
+    def sip_uri(self) -> str:
+        return f"sip:{_uri_host(self.sip_addr)}:{self.sip_port}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LabState:
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass(frozen=True)
+class ExtraService:
+    """A further lab process started after Kamailio (hook for later issues).
+
+    ``argv`` builds the command line from the lab state, ``ready`` says whether the service
+    answers (polled until ``timeout``), ``expect`` gives the cmdline substrings that identify it.
+    """
+
+    name: str
+    argv: Callable[[LabState], list[str]]
+    ready: Callable[[LabState], bool]
+    expect: Callable[[LabState], list[str]]
+    timeout: float = 15.0
+
+
+#: Services the lab starts after Kamailio. The answering machine (``media/``) and the intercept
+#: delivery worker (``intercept/``) are added here by the issues that implement them; until then
+#: the lab runs Redis and Kamailio only, and nothing is started (or reported) for them.
+EXTRA_SERVICES: list[ExtraService] = []
+
+
+@dataclass
+class ServiceStatus:
+    """One row of ``lab status``. ``answering`` is None when the service cannot be probed."""
+
+    name: str
+    pid: int | None
+    alive: bool
+    answering: bool | None
+    address: str
+
+    @property
+    def ok(self) -> bool:
+        return self.alive and self.answering is not False
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _uri_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _binary(name: str, fallback: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    if Path(fallback).is_file():
+        return fallback
+    raise LabError(f"{name} not found (PATH or {fallback}); run `make setup`")
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    return text.splitlines()[-lines:]
+
+
+def _rotate_log(path: Path) -> None:
+    """Keep the previous run's log as ``*.1``, so each run's log holds only that run."""
+    if path.exists():
+        path.replace(path.with_name(path.name + ".1"))
+
+
+def _redis_endpoint(url: str) -> tuple[str, int, str | None, str | None] | None:
+    """host, port, username, password of a ``redis://`` URL; None for schemes a raw-socket
+    PING cannot probe (TLS, unix sockets)."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        return None
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        return None
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return parts.hostname or "127.0.0.1", port, username, password
+
+
+def _redis_answers(url: str, timeout: float = 1.0) -> bool | None:
+    endpoint = _redis_endpoint(url)
+    if endpoint is None:
+        return None
+    host, port, username, password = endpoint
+    return redis_ping(host, port, timeout, username=username, password=password)
+
+
+def _kamailio_answers(state: LabState, timeout: float = 1.0) -> bool:
+    return sip_options_ping(state.sip_addr, state.sip_port, timeout, src_host=state.sip_addr) == 200
+
+
+def redis_argv(workdir: Path, port: int, bind: str = "127.0.0.1") -> list[str]:
+    """redis-server as a throwaway: no persistence, foreground (so our pid is the server)."""
+    return [
+        _binary("redis-server", "/usr/bin/redis-server"),
+        "--bind", bind,
+        "--port", str(port),
+        "--save", "",
+        "--appendonly", "no",
+        "--daemonize", "no",
+        "--dir", str(workdir),
+        "--logfile", str(workdir / "redis.log"),
+    ]  # fmt: skip
+
+
+#: redis-server rewrites its argv to "redis-server HOST:PORT", so only the name is reliable.
+REDIS_EXPECT = ["redis-server"]
+
+
+def start_redis_server(
+    workdir: Path,
+    port: int,
+    bind: str = "127.0.0.1",
+    timeout: float = REDIS_READY_TIMEOUT,
+) -> int:
+    """Start redis-server in ``workdir`` on ``bind:port`` and wait for PING; return its pid.
+
+    On failure the process is stopped and LabError carries the tail of ``redis.log``. The test
+    fixtures use this too, to restart Redis on the same port after a fail-open test.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "redis.log"
+    pid = start_process(redis_argv(workdir, port, bind), log_path, cwd=workdir)
+    try:
+        ready = wait_until(lambda: redis_ping(bind, port, 0.5) or not pid_alive(pid), timeout)
+    except BaseException:
+        # Interrupted (Ctrl-C) before the caller could record the pid: do not leave it behind.
+        stop_pid(pid, REDIS_EXPECT, STOP_TIMEOUT)
+        raise
+    if ready and pid_alive(pid):
+        return pid
+    alive = pid_alive(pid)
+    with contextlib.suppress(ProcessMismatch):
+        stop_pid(pid, REDIS_EXPECT, STOP_TIMEOUT)
+    why = f"did not answer PING within {timeout:.0f}s" if alive else "exited during start-up"
+    raise LabError(f"redis-server on {bind}:{port} {why} (see {log_path})", _log_tail(log_path))
+
+
+# --------------------------------------------------------------------------------------------
+# the lab
+
+
+class Lab:
+    """A lab in one work directory. Methods raise LabError for anything the operator must fix."""
+
+    def __init__(self, workdir: Path, kamailio_cfg: Path | None = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.kamailio_cfg = Path(kamailio_cfg or DEFAULT_KAMAILIO_CFG).resolve()
+        self.state: LabState | None = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.workdir / STATE_FILE
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def load(self) -> LabState | None:
+        """The recorded state, or None when no lab.json exists."""
+        try:
+            data = json.loads(self.state_path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            state = LabState.from_dict(data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise LabError(f"cannot read {self.state_path}: {exc}") from exc
+        self.state = state
+        return state
+
+    def _save(self, state: LabState) -> None:
+        """Write atomically, so a crash never leaves a half-written file that hides live pids."""
+        tmp = self.state_path.with_suffix(".json.tmp")
+        tmp.write_text(state.to_json() + "\n")
+        tmp.replace(self.state_path)
+        self.state = state
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise up/down in one workdir (two concurrent `up`s would both see it empty)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with (self.workdir / LOCK_FILE).open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise LabError(
+                    f"another `spitwall lab` command is running in {self.workdir}"
+                ) from exc
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _live_pids(self, state: LabState) -> dict[str, int]:
+        """Recorded pids that still run what we started (a reused pid does not count)."""
+        return {
+            name: pid
+            for name, pid in state.pids.items()
+            if pid_alive(pid) and pid_matches(pid, state.expect.get(name) or [name])
+        }
+
+    # -- up -------------------------------------------------------------------------------------
+
+    def up(
+        self,
+        *,
+        sip_addr: str = "127.0.0.1",
+        sip_port: int | None = None,
+        redis_url: str | None = None,
+        redis_port: int | None = None,
+        next_hop: str | None = None,
+        media_port: int | None = None,
+        children: int = DEFAULT_CHILDREN,
+        timeout: float = KAMAILIO_READY_TIMEOUT,
+    ) -> LabState:
+        """Start the lab and return once every service answers.
+
+        ``redis_url`` uses an existing Redis (nothing is started for it); otherwise redis-server
+        runs on ``redis_port`` (default: a free one). On any failure everything started so far is
+        stopped again, lab.json is removed, and LabError (with Kamailio's log tail when it is the
+        culprit) is raised.
+        """
+        _validate_up(sip_addr, redis_url, redis_port, next_hop, children)
+        if not self.kamailio_cfg.is_file():
+            raise LabError(f"Kamailio config {self.kamailio_cfg} not found")
+        with self._locked():
+            previous = self.load()
+            if previous is not None:
+                live = self._live_pids(previous)
+                if live:
+                    running = ", ".join(f"{name} pid {pid}" for name, pid in live.items())
+                    raise LabError(
+                        f"a lab is already up in {self.workdir} ({running}); "
+                        "run `spitwall lab down` first"
+                    )
+                log.info("removing stale %s (no recorded process is alive)", self.state_path)
+                self.state_path.unlink()
+            return self._start_all(
+                sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children, timeout
+            )
+
+    def _start_all(
+        self,
+        sip_addr: str,
+        sip_port: int | None,
+        redis_url: str | None,
+        redis_port: int | None,
+        next_hop: str | None,
+        media_port: int | None,
+        children: int,
+        timeout: float,
+    ) -> LabState:
+        own_redis = redis_url is None
+        if own_redis:
+            redis_port = redis_port or free_port("127.0.0.1", "tcp")
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        assert redis_url is not None
+        sip_port = sip_port or free_port(sip_addr, "both")
+        media_port = media_port or free_port(sip_addr, "udp")
+        state = LabState(
+            workdir=str(self.workdir),
+            sip_addr=sip_addr,
+            sip_port=sip_port,
+            redis_url=redis_url,
+            next_hop=next_hop,
+            media_uri=f"sip:spitwall-am@{_uri_host(sip_addr)}:{media_port}",
+            children=children,
+            kamailio_cfg=str(self.kamailio_cfg),
+            own_redis=own_redis,
+            started_at=time.time(),
+        )
+        try:
+            if own_redis:
+                self._start_redis(state, redis_port or 0)
+            elif not _redis_answers(redis_url, 2.0):
+                raise LabError(f"Redis at {redis_url} does not answer PING")
+            self._start_kamailio(state, timeout)
+            for service in EXTRA_SERVICES:
+                self._start_extra(state, service)
+        except BaseException:
+            # Interrupted or failed: leave nothing running and no lab.json behind, then re-raise.
+            self._stop_recorded(state)
+            with contextlib.suppress(FileNotFoundError):
+                self.state_path.unlink()
+            self.state = None
+            raise
+        return state
+
+    def _record(
+        self, state: LabState, name: str, pid: int, log_path: Path, expect: list[str]
+    ) -> None:
+        """Record a pid as soon as it exists, so `down` can stop it even if `up` is killed."""
+        state.pids[name] = pid
+        state.logs[name] = str(log_path)
+        state.expect[name] = expect
+        self._save(state)
+
+    def _start_redis(self, state: LabState, port: int) -> None:
+        log_path = self.workdir / "redis.log"
+        _rotate_log(log_path)
+        # start_redis_server waits for PING itself; record the pid only once it is known good,
+        # since on failure it has already stopped the process.
+        pid = start_redis_server(self.workdir, port)
+        self._record(state, "redis", pid, log_path, REDIS_EXPECT)
+
+    def kamailio_argv(self, state: LabState) -> list[str]:
+        """The Kamailio command line: foreground (-DD) so our pid is the main process, logging to
+        stderr (-E), runtime files under the workdir, everything else as -A defines."""
+        return [
+            _binary("kamailio", "/usr/sbin/kamailio"),
+            "-f", state.kamailio_cfg,
+            "-DD", "-E",
+            "-Y", str(self.workdir / "run"),
+            "-w", str(self.workdir),
+            "-A", f"SIP_ADDR={state.sip_addr}",
+            "-A", f"SIP_PORT={state.sip_port}",
+            "-A", f"REDIS_URL={state.redis_url}",
+            "-A", f"NEXT_HOP={state.next_hop or 'none'}",
+            "-A", f"MEDIA_URI={state.media_uri}",
+            "-A", f"CHILDREN={state.children}",
+            "-A", f"SPITWALL_ROOT={REPO_ROOT}",
+            # kamailio.cfg loads the handler by path; a string define must carry its quotes.
+            "-A", f'SPITWALL_HANDLER="{REPO_ROOT / "kemi" / "handler.py"}"',
+        ]  # fmt: skip
+
+    def _start_kamailio(self, state: LabState, timeout: float) -> None:
+        log_path = self.workdir / "kamailio.log"
+        _rotate_log(log_path)
+        (self.workdir / "run").mkdir(parents=True, exist_ok=True)
+        pid = start_process(self.kamailio_argv(state), log_path, cwd=self.workdir)
+        # The workdir is in Kamailio's argv (-w), so it tells this lab's Kamailio from any other.
+        self._record(state, "kamailio", pid, log_path, ["kamailio", str(self.workdir)])
+        wait_until(lambda: not pid_alive(pid) or _kamailio_answers(state, 0.5), timeout, 0.1)
+        if pid_alive(pid) and _kamailio_answers(state, 1.0):
+            return
+        why = (
+            f"did not answer OPTIONS with 200 within {timeout:.0f}s"
+            if pid_alive(pid)
+            else "exited during start-up"
+        )
+        # Stop it before reading the log, so its last words are in the tail.
+        with contextlib.suppress(ProcessMismatch):
+            stop_pid(pid, state.expect["kamailio"], STOP_TIMEOUT)
+        raise LabError(
+            f"kamailio on {state.sip_addr}:{state.sip_port} {why} (see {log_path})",
+            _log_tail(log_path),
+        )
+
+    def _start_extra(self, state: LabState, service: ExtraService) -> None:
+        log_path = self.workdir / f"{service.name}.log"
+        _rotate_log(log_path)
+        pid = start_process(service.argv(state), log_path, cwd=self.workdir)
+        self._record(state, service.name, pid, log_path, service.expect(state))
+        if not wait_until(lambda: service.ready(state) or not pid_alive(pid), service.timeout):
+            raise LabError(f"{service.name} did not become ready (see {log_path})")
+        if not pid_alive(pid):
+            raise LabError(f"{service.name} exited during start-up (see {log_path})")
+
+    # -- down -----------------------------------------------------------------------------------
+
+    def _stop_recorded(self, state: LabState) -> list[str]:
+        """Stop the recorded pids in reverse start order; return warnings (never raises for a
+        single service, so one odd pid does not leave the others running)."""
+        warnings: list[str] = []
+        for name in reversed(list(state.pids)):
+            pid = state.pids[name]
+            try:
+                stop_pid(pid, state.expect.get(name) or [name], STOP_TIMEOUT)
+            except ProcessMismatch as exc:
+                warnings.append(f"{name}: {exc}")
+            except PermissionError as exc:
+                warnings.append(f"{name}: cannot signal pid {pid}: {exc}")
+        return warnings
+
+    def down(self) -> tuple[LabState | None, list[str]]:
+        """Stop exactly the processes recorded in lab.json and remove it.
+
+        Returns the state that was stopped (None when no lab was up) and warnings about pids that
+        were left alone because they no longer run what we started.
+        """
+        with self._locked():
+            state = self.load()
+            if state is None:
+                return None, []
+            warnings = self._stop_recorded(state)
+            self.state_path.unlink(missing_ok=True)
+            self.state = None
+            return state, warnings
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> list[ServiceStatus] | None:
+        """Per service: pid, alive, answering. None when no lab.json exists."""
+        state = self.load()
+        if state is None:
+            return None
+        rows: list[ServiceStatus] = []
+        if not state.own_redis:
+            rows.append(
+                ServiceStatus("redis", None, True, _redis_answers(state.redis_url), state.redis_url)
+            )
+        extras = {service.name: service for service in EXTRA_SERVICES}
+        for name, pid in state.pids.items():
+            alive = pid_alive(pid) and pid_matches(pid, state.expect.get(name) or [name])
+            answering: bool | None
+            if name == "redis":
+                answering = _redis_answers(state.redis_url) if alive else False
+                address = state.redis_url
+            elif name == "kamailio":
+                answering = _kamailio_answers(state) if alive else False
+                address = f"udp+tcp {_uri_host(state.sip_addr)}:{state.sip_port}"
+            elif name in extras:
+                answering = extras[name].ready(state) if alive else False
+                address = ""
+            else:
+                answering, address = None, ""
+            rows.append(ServiceStatus(name, pid, alive, answering, address))
+        return rows
+
+
+def _validate_up(
+    sip_addr: str,
+    redis_url: str | None,
+    redis_port: int | None,
+    next_hop: str | None,
+    children: int,
+) -> None:
+    try:
+        ipaddress.ip_address(sip_addr)
+    except ValueError as exc:
+        raise LabError(f"--sip-addr must be an IP address, not {sip_addr!r}") from exc
+    if redis_url is not None and redis_port is not None:
+        raise LabError("--redis-port starts our own Redis; it cannot be combined with --redis")
+    if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise LabError(f"--redis must be a redis://, rediss:// or unix:// URL, not {redis_url!r}")
+    if next_hop is not None and (
+        not next_hop.startswith(("sip:", "sips:")) or any(ch.isspace() for ch in next_hop)
+    ):
+        raise LabError(f"--next-hop must look like sip:HOST:PORT, not {next_hop!r}")
+    if not 1 <= children <= 256:
+        raise LabError(f"--children must be between 1 and 256, not {children}")
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 1-65535: {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help="directory for lab.json, logs and runtime files (default: ./.lab)",
+    )
+    # SUPPRESS: a subcommand default would otherwise overwrite the top-level --json/--redis.
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``lab up|down|status`` to the spitwall CLI. Each subcommand sets ``func(args) -> int``
+    (the exit code); ``args.redis`` (None unless given) and ``args.json`` come from the top-level
+    parser and may be repeated on the subcommand."""
+    lab = subparsers.add_parser(
+        "lab",
+        help="run a local lab (Redis, Kamailio) on loopback",
+        description="Start, stop and inspect a lab of real processes on loopback.",
+    )
+    commands = lab.add_subparsers(dest="lab_command", metavar="{up,down,status}", required=True)
+
+    up = commands.add_parser(
+        "up",
+        help="start the lab and wait until every service answers",
+        description="Start redis-server (unless --redis is given) and Kamailio with kamailio.cfg "
+        "on loopback; return when they answer (Redis PING, SIP OPTIONS 200).",
+    )
+    _add_common(up)
+    up.add_argument(
+        "--redis", default=argparse.SUPPRESS, metavar="URL", help="use this Redis, start none"
+    )
+    up.add_argument("--sip-addr", default="127.0.0.1", help="SIP listen address")
+    up.add_argument("--sip-port", type=_port, help="SIP port, udp and tcp (default: a free one)")
+    up.add_argument("--redis-port", type=_port, help="port of our redis-server (default: free)")
+    up.add_argument("--next-hop", metavar="sip:HOST:PORT", help="where relayed calls go")
+    up.add_argument("--media-port", type=_port, help="answering-machine port in MEDIA_URI")
+    up.add_argument(
+        "--children", type=_positive, default=DEFAULT_CHILDREN, help="Kamailio UDP workers"
+    )
+    up.add_argument(
+        "--kamailio-cfg",
+        type=Path,
+        default=DEFAULT_KAMAILIO_CFG,
+        help=f"Kamailio config (default: {DEFAULT_KAMAILIO_CFG})",
+    )
+    up.set_defaults(func=_cmd_up)
+
+    down = commands.add_parser(
+        "down", help="stop the lab's processes", description="Stop exactly the lab's processes."
+    )
+    _add_common(down)
+    down.set_defaults(func=_cmd_down)
+
+    status = commands.add_parser(
+        "status",
+        help="show whether each service is alive and answering (exit 1 if not)",
+        description="Per service: pid, alive, answering. Exits 1 if anything is down.",
+    )
+    _add_common(status)
+    status.set_defaults(func=_cmd_status)
+
+
+def _fail(command: str, exc: LabError) -> int:
+    for line in exc.log_tail:
+        print(f"  | {line}", file=sys.stderr)
+    print(f"spitwall lab {command}: error: {exc}", file=sys.stderr)
+    return 1
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    lab = Lab(args.workdir, args.kamailio_cfg)
+    try:
+        state = lab.up(
+            sip_addr=args.sip_addr,
+            sip_port=args.sip_port,
+            redis_url=getattr(args, "redis", None),
+            redis_port=args.redis_port,
+            next_hop=args.next_hop,
+            media_port=args.media_port,
+            children=args.children,
+        )
+    except LabError as exc:
+        if exc.log_tail:
+            print(f"last lines of the log ({lab.workdir}):", file=sys.stderr)
+        return _fail("up", exc)
+    if getattr(args, "json", False):
+        print(state.to_json())
+        return 0
+    host = _uri_host(state.sip_addr)
+    print(f"lab up in {state.workdir}")
+    print(f"  SIP proxy   udp:{host}:{state.sip_port}  tcp:{host}:{state.sip_port}")
+    redis_owner = f"redis-server pid {state.pids['redis']}" if state.own_redis else "external"
+    print(f"  Redis       {state.redis_url}  ({redis_owner})")
+    print(f"  next hop    {state.next_hop or 'none'}")
+    print(f"  media URI   {state.media_uri}")
+    print("  pids        " + ", ".join(f"{name} {pid}" for name, pid in state.pids.items()))
+    print("  logs        " + ", ".join(state.logs.values()))
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    lab = Lab(args.workdir)
+    try:
+        state, warnings = lab.down()
+    except LabError as exc:
+        return _fail("down", exc)
+    for warning in warnings:
+        print(f"spitwall lab down: warning: {warning}", file=sys.stderr)
+    if getattr(args, "json", False):
+        stopped = state.pids if state else {}
+        print(json.dumps({"workdir": str(lab.workdir), "stopped": stopped, "warnings": warnings}))
+    elif state is None:
+        print(f"no lab is up in {lab.workdir}")
+    else:
+        print("stopped " + ", ".join(f"{n} (pid {p})" for n, p in reversed(state.pids.items())))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    lab = Lab(args.workdir)
+    try:
+        rows = lab.status()
+    except LabError as exc:
+        return _fail("status", exc)
+    ok = bool(rows) and all(row.ok for row in rows or [])
+    if getattr(args, "json", False):
+        services = [asdict(row) | {"ok": row.ok} for row in rows or []]
+        print(json.dumps({"workdir": str(lab.workdir), "up": ok, "services": services}))
+        return 0 if ok else 1
+    if rows is None:
+        print(f"no lab is up in {lab.workdir}")
+        return 1
+    for row in rows:
+        pid = "external" if row.pid is None else f"pid {row.pid}"
+        alive = "alive" if row.alive else "DEAD"
+        answer = {True: "answering", False: "NOT ANSWERING", None: "not probed"}[row.answering]
+        print(f"{row.name:<10} {pid:<12} {alive:<6} {answer:<14} {row.address}".rstrip())
+    return 0 if ok else 1
+
+
+def _standalone_parser() -> argparse.ArgumentParser:
+    """The lab alone, with the top-level options ops/cli.py provides (for `python -m ops.lab`)."""
+    parser = argparse.ArgumentParser(prog="spitwall")
+    parser.add_argument("--redis", default=None, metavar="URL", help="use this Redis")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``python -m ops.lab lab up|down|status`` (same as ``spitwall lab``)."""
+    logging.basicConfig(level=os.environ.get("SPITWALL_LOG", "WARNING").upper())
+    args = _standalone_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

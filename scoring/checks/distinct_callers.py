@@ -1,0 +1,22 @@
+"""Many distinct caller URIs from one source IP (VoIP SEAL's "many SIP URIs from one IP").
+
+The store counts distinct From identities per source IP with a HyperLogLog (12 KB at most per
+IP, about 0.8% error) over the current and previous `distinct.window`.
+"""
+
+from __future__ import annotations
+
+from scoring.checks.base import Context, ramp
+from scoring.model import CheckResult
+
+name = "distinct_callers"
+shared = True
+
+
+def check(ctx: Context) -> CheckResult:
+    n = ctx.signals.distinct_callers
+    cfg = ctx.config
+    soft, hard = cfg.get_float(f"{name}.soft"), cfg.get_float(f"{name}.hard")
+    score = ramp(n, soft, hard)
+    reason = f"{n} distinct caller URIs from {ctx.attempt.source_ip}" if score > 0 else ""
+    return CheckResult(name, score, reason)

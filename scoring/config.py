@@ -1,0 +1,225 @@
+"""Live configuration: the operator's knobs, their types, ranges and defaults.
+
+The config lives in the Redis hash `spitwall:{cfg}:config` as strings (what the operator typed);
+`spitwall:{cfg}:version` is bumped on every change. Kamailio children hold a parsed `Config` and
+learn about a new version from the reply of the per-INVITE script, so a change takes effect on
+the next call without an extra round trip per call. Values that fail validation are refused by
+the CLI; a bad value that still reaches Redis (hand edit) is ignored with a logged error, and the
+default is used, so a typo never takes the proxy down.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]{0,63}$")
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _header(text: str) -> str:
+    text = text.strip()
+    if text and not _HEADER_NAME.match(text):
+        raise ValueError(f"not a SIP header name: {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class Param:
+    """One knob: its parser, default, bounds and a line of help."""
+
+    name: str
+    kind: str  # bool | float | int | str | choice
+    default: Any
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def parse(self, text: str) -> Any:
+        if not isinstance(text, str):
+            raise ValueError(f"{self.name}: expected text")
+        value: Any
+        try:
+            if self.kind == "bool":
+                value = _bool(text)
+            elif self.kind == "float":
+                value = float(text)
+                if value != value:  # NaN
+                    raise ValueError("NaN")
+            elif self.kind == "int":
+                value = int(text, 10)
+            elif self.kind == "header":
+                value = _header(text)
+            elif self.kind == "choice":
+                value = text.strip().lower()
+                if value not in self.choices:
+                    raise ValueError(f"expected one of {', '.join(self.choices)}")
+            else:
+                value = text
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: invalid value {text!r}: {exc}") from None
+        if self.lo is not None and value < self.lo:
+            raise ValueError(f"{self.name}: {value} is below the minimum {self.lo:g}")
+        if self.hi is not None and value > self.hi:
+            raise ValueError(f"{self.name}: {value} is above the maximum {self.hi:g}")
+        return value
+
+
+CHECKS = ("rate_ip", "rate_caller", "rate_callee", "distinct_callers", "sweep", "scanner")
+
+_DEFAULT_WEIGHTS = {
+    "rate_ip": 0.35,
+    "rate_caller": 0.35,
+    "rate_callee": 0.25,
+    "distinct_callers": 0.5,
+    "sweep": 0.5,
+    "scanner": 1.0,
+}
+
+
+def _params() -> dict[str, Param]:
+    p: list[Param] = [
+        Param("enabled", "bool", True, "kill switch: false relays every call unscored"),
+        Param("divert_threshold", "float", 0.3, "score at or above which calls are diverted",
+              0.0, 1.0),
+        Param("reject_threshold", "float", 0.7, "score at or above which calls are rejected",
+              0.0, 1.0),
+        Param("reject_code", "choice", "603", "SIP status for rejects: 603 or 608 (RFC 8688)",
+              choices=("603", "608")),
+        Param("score_header", "header", "X-Spitwall-Score",
+              "header added to relayed INVITEs; empty disables it"),
+        Param("rate.short_window", "int", 10, "short rate window, seconds", 1, 3600),
+        Param("rate.long_window", "int", 300, "long rate window, seconds", 1, 86400),
+        Param("distinct.window", "int", 300,
+              "window for distinct callers/callees per source IP, seconds", 10, 86400),
+        Param("sweep.recent", "int", 20, "callees remembered per source for the sequence test",
+              5, 100),
+        Param("sweep.sequential_min", "int", 5,
+              "sequential callee numbers from one source that count as war dialling", 3, 100),
+        Param("scanner.non_invite", "choice", "drop",
+              "what to do with non-INVITE requests from scanner User-Agents",
+              choices=("drop", "reject", "ignore")),
+    ]
+    for check in CHECKS:
+        p.append(Param(f"weight.{check}", "float", _DEFAULT_WEIGHTS[check],
+                       f"weight of the {check} check", 0.0, 10.0))
+    # Ramp parameters: score 0 at or below `soft`, 1 at or above `hard`, linear between.
+    ramps = {
+        "rate_ip.short": (5, 20), "rate_ip.long": (60, 300),
+        "rate_caller.short": (3, 10), "rate_caller.long": (20, 100),
+        "rate_callee.short": (3, 10), "rate_callee.long": (20, 100),
+        "distinct_callers": (3, 10),
+        "sweep": (8, 30),
+    }
+    for stem, (soft, hard) in ramps.items():
+        p.append(Param(f"{stem}.soft", "float", float(soft), f"{stem}: count where scoring starts",
+                       0.0, 1e9))
+        p.append(Param(f"{stem}.hard", "float", float(hard), f"{stem}: count that scores 1.0",
+                       0.0, 1e9))
+    return {x.name: x for x in p}
+
+
+PARAMS: dict[str, Param] = _params()
+
+
+def _cross_check(values: Mapping[str, Any]) -> None:
+    """Constraints between knobs; raises ValueError naming the conflict."""
+    if values["divert_threshold"] > values["reject_threshold"]:
+        raise ValueError(
+            f"divert_threshold ({values['divert_threshold']:g}) must not exceed "
+            f"reject_threshold ({values['reject_threshold']:g})"
+        )
+    if values["rate.short_window"] >= values["rate.long_window"]:
+        raise ValueError("rate.short_window must be shorter than rate.long_window")
+    for name, v in values.items():
+        if name.endswith(".soft"):
+            hard = values[name[: -len(".soft")] + ".hard"]
+            if v >= hard:
+                raise ValueError(f"{name} ({v:g}) must be below {name[:-5]}.hard ({hard:g})")
+
+
+class Config:
+    """A parsed, validated snapshot of the live config."""
+
+    __slots__ = ("_values", "errors", "version")
+
+    def __init__(self, values: Mapping[str, Any], version: int = 0,
+                 errors: tuple[str, ...] = ()) -> None:
+        self._values = dict(values)
+        self.version = version
+        self.errors = errors
+
+    @classmethod
+    def defaults(cls) -> Config:
+        return cls({k: p.default for k, p in PARAMS.items()})
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, str], version: int = 0) -> Config:
+        """Parse the Redis hash; unknown or invalid entries fall back to defaults."""
+        values = {k: p.default for k, p in PARAMS.items()}
+        errors: list[str] = []
+        for key, text in raw.items():
+            param = PARAMS.get(key)
+            if param is None:
+                errors.append(f"unknown key {key!r} ignored")
+                continue
+            try:
+                values[key] = param.parse(text)
+            except ValueError as exc:
+                errors.append(str(exc))
+        try:
+            _cross_check(values)
+        except ValueError as exc:
+            errors.append(f"{exc}; using defaults for thresholds and ramps")
+            for key, p in PARAMS.items():
+                if key.endswith((".soft", ".hard", "_threshold", "_window")):
+                    values[key] = p.default
+        return cls(values, version, tuple(errors))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def get_float(self, key: str) -> float:
+        return float(self._values[key])
+
+    def weight(self, check: str) -> float:
+        return float(self._values.get(f"weight.{check}", 0.0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    @property
+    def rate_windows(self) -> tuple[int, int]:
+        return (int(self["rate.short_window"]), int(self["rate.long_window"]))
+
+
+def validate_change(current_raw: Mapping[str, str], key: str, text: str) -> Any:
+    """Validate `key = text` against the current config; return the parsed value.
+
+    Raises ValueError with a one-line message when the key is unknown, the value is out of
+    range, or the change would contradict another knob (e.g. divert above reject).
+    """
+    param = PARAMS.get(key)
+    if param is None:
+        close = [k for k in PARAMS if k.split(".")[-1] == key.split(".")[-1]][:3]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown config key {key!r}{hint}; see 'spitwall config show'")
+    value = param.parse(text)
+    merged = Config.from_raw(current_raw).as_dict()
+    merged[key] = value
+    _cross_check(merged)
+    return value
+
+
+Parser = Callable[[str], Any]

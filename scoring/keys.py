@@ -1,0 +1,77 @@
+"""Redis key names (a contract: see docs/DESIGN.md, "Redis").
+
+Every key starts with `spitwall:`. Per-entity keys carry a hash tag naming the entity, e.g.
+`spitwall:{ip:203.0.113.7}:inv:10:172800`, so that one entity's keys live on one Redis Cluster
+node and one script may touch them all. Attacker-controlled strings (caller URIs, callees) never
+go into a key verbatim: long or unusual values are replaced by a digest, so a 10 KB From header
+or non-UTF-8 bytes cannot make keys long or odd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+PREFIX = "spitwall"
+
+_SAFE = re.compile(r"^[A-Za-z0-9.+_@:\-\[\]]{1,64}$")
+
+# Operator state: one tag so the config, the lists and their versions change atomically.
+CONFIG = f"{PREFIX}:{{cfg}}:config"
+CONFIG_VERSION = f"{PREFIX}:{{cfg}}:version"
+LISTS_VERSION = f"{PREFIX}:{{cfg}}:lists_version"
+AUDIT = f"{PREFIX}:{{audit}}:log"
+STATS = f"{PREFIX}:{{stats}}:counters"
+
+DECISION_SEQ = f"{PREFIX}:{{dec}}:seq"
+DECISION_BUCKETS = 4
+DECISION_BUCKET_SIZE = 50_000
+DECISION_TTL = 30 * 86400
+
+
+def list_key(name: str) -> str:
+    """Hash of one list (allow, block, scanner): field `kind:value` -> msgpack entry."""
+    return f"{PREFIX}:{{cfg}}:list:{name}"
+
+
+def decision_buckets() -> list[str]:
+    return [f"{PREFIX}:{{dec}}:b{i}" for i in range(DECISION_BUCKETS)]
+
+
+def entity_id(value: str) -> str:
+    """A bounded, key-safe name for an attacker-controlled identity."""
+    if _SAFE.match(value):
+        return value
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=12)
+    return "h" + digest.hexdigest()
+
+
+def tag(kind: str, value: str) -> str:
+    return f"{PREFIX}:{{{kind}:{entity_id(value)}}}"
+
+
+def rate_keys(base: str, windows: tuple[int, ...], now: float) -> list[str]:
+    """Current and previous bucket keys of a sliding-window counter, per window."""
+    keys: list[str] = []
+    for w in windows:
+        bucket = int(now // w)
+        keys.append(f"{base}:inv:{w}:{bucket}")
+        keys.append(f"{base}:inv:{w}:{bucket - 1}")
+    return keys
+
+
+def source_keys(base: str, window: int, now: float) -> list[str]:
+    """HyperLogLogs of distinct callers/callees, recent callees list, scanner counter."""
+    bucket = int(now // window)
+    return [
+        f"{base}:callers:{window}:{bucket}",
+        f"{base}:callers:{window}:{bucket - 1}",
+        f"{base}:callees:{window}:{bucket}",
+        f"{base}:callees:{window}:{bucket - 1}",
+        f"{base}:recent",
+        f"{base}:scan",
+    ]
+
+
+def scan_key(ip: str) -> str:
+    return f"{tag('ip', ip)}:scan"

@@ -1,0 +1,124 @@
+"""Plain data that crosses the boundary between Kamailio (kemi/) and the engine.
+
+Nothing here knows about KSR or Redis: the KEMI layer fills a `CallAttempt`, the store
+fills `Signals`, the engine returns a `Decision`. Keeping these as frozen dataclasses makes the
+engine a pure function that unit tests can drive without any process around it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Action(enum.StrEnum):
+    """What the proxy does with an initial INVITE."""
+
+    RELAY = "relay"
+    DIVERT = "divert"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class CallAttempt:
+    """An initial INVITE, reduced to the fields the checks look at.
+
+    Strings are already bounded and decoded by the KEMI layer (see `kemi.attempt`); a field the
+    message did not carry is the empty string.
+    """
+
+    call_id: str
+    source_ip: str
+    source_port: int = 0
+    transport: str = "udp"
+    from_uri: str = ""
+    from_user: str = ""
+    from_domain: str = ""
+    from_display: str = ""
+    to_uri: str = ""
+    to_user: str = ""
+    request_uri: str = ""
+    ruri_user: str = ""
+    ruri_domain: str = ""
+    pai: str = ""
+    user_agent: str = ""
+    contact: str = ""
+    has_identity: bool = False
+    has_alert_info: bool = False
+    has_sdp: bool = False
+
+    @property
+    def caller_key(self) -> str:
+        """Identity of the caller used for per-caller counters: user@domain, lower-cased."""
+        return f"{self.from_user}@{self.from_domain}".lower()
+
+    @property
+    def callee_key(self) -> str:
+        """Identity of the callee used for per-callee counters (Request-URI user@domain)."""
+        return f"{self.ruri_user}@{self.ruri_domain}".lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """Shared-state readings for one INVITE, returned by the store's single round trip.
+
+    Counts already include the current INVITE. `recent_callees` is the bounded list of the
+    Request-URI users most recently called from the same source IP (newest first).
+    """
+
+    ip_rate: dict[int, float] = field(default_factory=dict)
+    caller_rate: dict[int, float] = field(default_factory=dict)
+    callee_rate: dict[int, float] = field(default_factory=dict)
+    distinct_callers: int = 0
+    distinct_callees: int = 0
+    recent_callees: tuple[str, ...] = ()
+    scanner_hits: int = 0
+    config_version: int = 0
+    lists_version: int = 0
+    available: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One check's opinion: a score in [0, 1] and a short reason for operators.
+
+    `decisive` is set by list checks: ALLOW relays without scoring, BLOCK rejects.
+    """
+
+    name: str
+    score: float
+    reason: str = ""
+    decisive: Action | None = None
+    error: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"check {self.name}: score {self.score} outside [0, 1]")
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """A check's result with its weight, as shown by `spitwall explain`."""
+
+    name: str
+    score: float
+    weight: float
+    reason: str
+
+    @property
+    def value(self) -> float:
+        return self.score * self.weight
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The engine's verdict on one INVITE, with every check's contribution."""
+
+    action: Action
+    score: float
+    contributions: tuple[Contribution, ...] = ()
+    rule: str = "score"
+    degraded: bool = False
+
+    def reasons(self) -> list[str]:
+        return [f"{c.name}: {c.reason}" for c in self.contributions if c.reason]

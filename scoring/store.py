@@ -1,0 +1,277 @@
+"""The request-path Redis store: one round trip of latency per INVITE, fail-open.
+
+Per INVITE the store pipelines, on one connection: the `observe.lua` script for the source
+IP, the caller and the callee (one call per entity, each touching only keys of one hash tag, so
+the same code is valid on Redis Cluster), and an MGET of the config and lists versions. Writes
+whose result the call does not wait for (the decision record, scanner sightings, counters) are
+sent without reading the reply; the replies are drained before the next request on the same
+connection, so they add no latency.
+
+We drive a single `redis.Connection` rather than `Pipeline` because redis-py's pipeline sends
+`SCRIPT EXISTS` before every execute that has scripts (a second round trip) and cannot leave a
+reply unread. When Redis is unreachable, calls get `Signals(available=False)` and the store
+retries the connection at most once per `retry_after` seconds, so a dead Redis costs no time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from lists.matcher import ListSnapshot
+from lists.store import load_lists
+from scoring import keys
+from scoring.config import Config
+from scoring.model import CallAttempt, Decision, Signals
+
+log = logging.getLogger("spitwall.store")
+
+LUA_DIR = Path(__file__).with_name("lua")
+RECORD_VERSION = 1
+RECENT_MAX_LEN = 32  # bytes of a callee kept in the recent list
+
+
+class Script:
+    """A Lua script from a `.lua` file next to this module, addressed by its SHA1."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+
+OBSERVE = Script("observe")
+RECORD = Script("record")
+SCRIPTS = (OBSERVE, RECORD)
+
+
+class RedisUnavailable(Exception):
+    """Redis could not be reached or answered out of time."""
+
+
+class Store:
+    """Per-process access to Redis for the request path (one per Kamailio child)."""
+
+    def __init__(self, url: str, *, timeout: float = 0.2, retry_after: float = 1.0) -> None:
+        self.url = url
+        self.pool = redis.ConnectionPool.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.retry_after = retry_after
+        self._conn: Any = None
+        self._pending = 0
+        self._down_until = 0.0
+        self.errors = 0
+
+    # -- connection management ---------------------------------------------------------
+    def _connection(self) -> Any:
+        if self._conn is not None:
+            return self._conn
+        if time.monotonic() < self._down_until:
+            raise RedisUnavailable("redis marked down")
+        conn = self.pool.make_connection()
+        try:
+            conn.connect()  # type: ignore[no-untyped-call]
+            for s in SCRIPTS:  # registered once per connection, i.e. once per child
+                conn.send_command("SCRIPT", "LOAD", s.source)  # type: ignore[no-untyped-call]
+                conn.read_response()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._mark_down(exc)
+            raise RedisUnavailable(str(exc)) from exc
+        self._conn = conn
+        self._pending = 0
+        return conn
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self.errors += 1
+        log.warning("redis %s unavailable (%s); failing open for %.1fs", self.url, exc,
+                    self.retry_after)
+        if self._conn is not None:
+            try:
+                self._conn.disconnect()
+            except (redis.RedisError, OSError) as close_exc:
+                log.debug("disconnect failed: %r", close_exc)
+        self._conn = None
+        self._pending = 0
+        self._down_until = time.monotonic() + self.retry_after
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.disconnect()
+            self._conn = None
+
+    def _drain(self, conn: Any) -> None:
+        while self._pending:
+            self._pending -= 1
+            try:
+                conn.read_response()
+            except ResponseError as exc:  # a deferred write failed: log, do not fail the call
+                log.error("deferred redis write failed: %s", exc)
+
+    def _roundtrip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send commands in one write and read their replies; errors come back as values."""
+        try:
+            conn = self._connection()
+            self._drain(conn)
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._mark_down(exc)
+            raise RedisUnavailable(str(exc)) from exc
+
+    def _defer(self, commands: Sequence[Sequence[Any]]) -> None:
+        """Send commands without waiting for their replies (read before the next request)."""
+        try:
+            conn = self._connection()
+            conn.send_packed_command(conn.pack_commands(commands))
+            self._pending += len(commands)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._mark_down(exc)
+            raise RedisUnavailable(str(exc)) from exc
+
+    # -- request path ------------------------------------------------------------------
+    def observe(self, attempt: CallAttempt, cfg: Config, now: float | None = None) -> Signals:
+        """Count this INVITE and read everything the shared checks need: one round trip."""
+        t = time.time() if now is None else now
+        windows = cfg.rate_windows
+        dw = int(cfg["distinct.window"])
+        recent_max = int(cfg["sweep.recent"])
+        win_args = [str(len(windows)), *[str(w) for w in windows]]
+        ip_base = keys.tag("ip", attempt.source_ip)
+        callee = attempt.ruri_user[:RECENT_MAX_LEN]
+        source = [
+            "EVALSHA", OBSERVE.sha,
+            str(2 * len(windows) + 6),
+            *keys.rate_keys(ip_base, windows, t), *keys.source_keys(ip_base, dw, t),
+            f"{t:.3f}", *win_args, "1", attempt.caller_key[:256], callee,
+            str(dw), str(recent_max),
+        ]
+        per_caller = self._rate_command(keys.tag("caller", attempt.caller_key), windows, t)
+        per_callee = self._rate_command(keys.tag("callee", attempt.callee_key), windows, t)
+        versions = ["MGET", keys.CONFIG_VERSION, keys.LISTS_VERSION]
+        commands = [source, per_caller, per_callee, versions]
+        replies = self._roundtrip(commands)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            self._load_scripts()
+            replies = self._roundtrip(commands)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise RedisUnavailable(f"redis error: {r}")
+        src = [_s(x) for x in replies[0]]
+        n = len(windows)
+        ip_rate = {w: float(src[i]) for i, w in enumerate(windows)}
+        caller_rate = {w: float(_s(x)) for w, x in zip(windows, replies[1], strict=True)}
+        callee_rate = {w: float(_s(x)) for w, x in zip(windows, replies[2], strict=True)}
+        recent = tuple(src[n + 3:])
+        cfg_v, lists_v = replies[3]
+        return Signals(
+            ip_rate=ip_rate, caller_rate=caller_rate, callee_rate=callee_rate,
+            distinct_callers=int(src[n]), distinct_callees=int(src[n + 1]),
+            scanner_hits=int(src[n + 2]), recent_callees=recent,
+            config_version=int(cfg_v or 0), lists_version=int(lists_v or 0),
+        )
+
+    @staticmethod
+    def _rate_command(base: str, windows: tuple[int, ...], t: float) -> list[str]:
+        return ["EVALSHA", OBSERVE.sha, str(2 * len(windows)), *keys.rate_keys(base, windows, t),
+                f"{t:.3f}", str(len(windows)), *[str(w) for w in windows], "0"]
+
+    def _load_scripts(self) -> None:
+        self._roundtrip([["SCRIPT", "LOAD", s.source] for s in SCRIPTS])
+
+    def record(self, attempt: CallAttempt, decision: Decision, now: float | None = None) -> None:
+        """Store the decision by Call-ID and count it; deferred (no wait for the reply)."""
+        t = time.time() if now is None else now
+        blob = pack_decision(attempt, decision, t)
+        ring = keys.decision_buckets()
+        self._defer([
+            ["EVALSHA", RECORD.sha, str(1 + len(ring)), keys.DECISION_SEQ, *ring,
+             attempt.call_id, blob, str(keys.DECISION_BUCKET_SIZE), str(keys.DECISION_TTL)],
+            ["HINCRBY", keys.STATS, f"action:{decision.action.value}", "1"],
+        ])
+
+    def note_scanner(self, ip: str, ttl: int = 86400) -> None:
+        """Remember that `ip` sent a scanner fingerprint (deferred)."""
+        key = keys.scan_key(ip)
+        self._defer([["INCR", key], ["EXPIRE", key, str(ttl)],
+                     ["HINCRBY", keys.STATS, "scanner_probes", "1"]])
+
+    def count(self, field: str, n: int = 1) -> None:
+        self._defer([["HINCRBY", keys.STATS, field, str(n)]])
+
+    # -- config and lists (only when their version changed) ----------------------------
+    def fetch_config(self) -> Config:
+        replies = self._roundtrip([["HGETALL", keys.CONFIG], ["GET", keys.CONFIG_VERSION]])
+        raw_pairs, version = replies
+        if isinstance(raw_pairs, Exception):
+            raise RedisUnavailable(str(raw_pairs))
+        it = iter(raw_pairs)
+        raw = {_s(k): _s(v) for k, v in zip(it, it, strict=True)}
+        cfg = Config.from_raw(raw, int(version or 0))
+        for err in cfg.errors:
+            log.error("config: %s", err)
+        return cfg
+
+    def fetch_lists(self) -> ListSnapshot:
+        client = redis.Redis(connection_pool=self.pool)
+        try:
+            version = int(client.get(keys.LISTS_VERSION) or 0)
+            return ListSnapshot(load_lists(client), version)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._mark_down(exc)
+            raise RedisUnavailable(str(exc)) from exc
+
+
+def _s(x: Any) -> str:
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+def pack_decision(attempt: CallAttempt, decision: Decision, now: float) -> bytes:
+    """The stored decision record (msgpack, versioned): what `spitwall explain` shows."""
+    blob: bytes = msgpack.packb({
+        "v": RECORD_VERSION,
+        "ts": round(now, 3),
+        "call_id": attempt.call_id,
+        "action": decision.action.value,
+        "score": decision.score,
+        "rule": decision.rule,
+        "degraded": decision.degraded,
+        "checks": [[c.name, round(c.score, 4), c.weight, c.reason]
+                   for c in decision.contributions],
+        "call": {"src": f"{attempt.source_ip}:{attempt.source_port}/{attempt.transport}",
+                 "from": attempt.from_uri[:256], "ruri": attempt.request_uri[:256],
+                 "ua": attempt.user_agent[:128]},
+    }, use_bin_type=True)
+    return blob
+
+
+def unpack_decision(blob: bytes) -> dict[str, Any]:
+    data = msgpack.unpackb(blob, raw=False)
+    if not isinstance(data, dict) or data.get("v") != RECORD_VERSION:
+        raise ValueError("unknown decision record version")
+    return data
+
+
+def find_decision(client: redis.Redis, call_id: str) -> dict[str, Any] | None:
+    """Look a decision up by Call-ID across the ring (one pipelined round trip)."""
+    pipe = client.pipeline(transaction=False)
+    for b in keys.decision_buckets():
+        pipe.hget(b, call_id)
+    for blob in pipe.execute():
+        if blob:
+            return unpack_decision(blob)
+    return None
