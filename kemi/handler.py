@@ -230,7 +230,7 @@ class Handler:
 
     def _relay(self, *, set_next_hop: bool) -> None:
         if set_next_hop and self.next_hop and KSR.pv.get("$du") is None:
-            KSR.setdsturi(self.next_hop)
+            KSR.pv.sets("$du", self.next_hop)
         if KSR.is_INVITE():
             KSR.tm.t_on_failure("ksr_failure_manage")
         if KSR.tm.t_relay() < 0:
@@ -295,8 +295,8 @@ class Handler:
                 f"Diversion: <{orig}>;reason=unknown;counter=1;"
                 f"spitwall-score={decision.score:.2f}\r\n"
             )
-            KSR.setruri(self.media_uri)
-            KSR.resetdsturi()
+            KSR.pv.sets("$ru", self.media_uri)
+            KSR.pv.unset("$du")
             return 2
         if decision.action is Action.DIVERT:
             log.warning("divert decided but no MEDIA_URI configured: relaying")

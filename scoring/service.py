@@ -68,14 +68,16 @@ class ScoringService:
             try:
                 self.config = self.store.fetch_config()
                 log.info("config version %d loaded", self.config.version)
-            except RedisUnavailable as exc:
-                log.warning("config reload failed: %s", exc)
+            except Exception as exc:  # keep scoring with the config we have
+                self.counters["config_reload_failed"] += 1
+                log.warning("config reload failed: %r", exc)
         if signals.lists_version != self.lists.version:
             try:
                 self.lists = self.store.fetch_lists()
                 log.info("lists version %d loaded", self.lists.version)
-            except RedisUnavailable as exc:
-                log.warning("lists reload failed: %s", exc)
+            except Exception as exc:  # keep scoring with the lists we have
+                self.counters["lists_reload_failed"] += 1
+                log.warning("lists reload failed: %r", exc)
 
     def _check_failed(self, name: str, exc: BaseException) -> None:
         self.counters[f"check_error:{name}"] += 1

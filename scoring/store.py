@@ -219,8 +219,11 @@ class Store:
         raw_pairs, version = replies
         if isinstance(raw_pairs, Exception):
             raise RedisUnavailable(str(raw_pairs))
-        it = iter(raw_pairs)
-        raw = {_s(k): _s(v) for k, v in zip(it, it, strict=True)}
+        if isinstance(raw_pairs, dict):
+            pairs = list(raw_pairs.items())
+        else:
+            pairs = list(zip(raw_pairs[0::2], raw_pairs[1::2], strict=True))
+        raw = {_s(k): _s(v) for k, v in pairs}
         cfg = Config.from_raw(raw, int(version or 0))
         for err in cfg.errors:
             log.error("config: %s", err)

@@ -1,0 +1,200 @@
+"""scoring.service.ScoringService against a real redis-server: live config, lists, fail-open."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import msgpack
+import pytest
+import redis
+
+from lists.store import ListStore
+from scoring import config_admin, keys
+from scoring.model import Action
+from scoring.service import ScoringService
+from scoring.store import Store, find_decision
+from tests.unit.scoring.support import attempt, dead_redis_url
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def service(redis_url: str) -> Iterator[ScoringService]:
+    store = Store(redis_url, timeout=2.0)
+    yield ScoringService(store)
+    store.close()
+
+
+def test_first_score_loads_config_and_lists(service: ScoringService, r: redis.Redis) -> None:
+    d = service.score(attempt(), now=NOW)
+    assert d.action is Action.RELAY
+    assert d.degraded is False
+    assert service.config.version == 0
+    assert service.lists.version == 0
+    assert service.counters["action:relay"] == 1
+
+
+def test_decision_is_recorded(service: ScoringService, r: redis.Redis) -> None:
+    service.score(attempt(call_id="rec-1", user_agent="friendly-scanner"), now=NOW)
+    service.store.fetch_config()  # a round trip on the store's connection: deferred writes done
+    d = find_decision(r, "rec-1")
+    assert d is not None
+    assert d["action"] == "reject"
+    assert r.hget(keys.STATS, "action:reject") == b"1"
+
+
+def test_config_version_bump_is_seen_on_next_score(service: ScoringService,
+                                                   r: redis.Redis) -> None:
+    service.score(attempt(), now=NOW)
+    config_admin.reset(r, user="test")  # bumps the version, leaves no override
+    config_admin.reset(r, user="test")
+    service.score(attempt(), now=NOW)
+    assert service.config.version == 2
+
+
+def test_kill_switch_is_picked_up_on_next_score(service: ScoringService, r: redis.Redis) -> None:
+    a = attempt(user_agent="friendly-scanner")
+    assert service.score(a, now=NOW).action is Action.REJECT
+    config_admin.set_value(r, "enabled", "false", user="test")
+    d = service.score(a, now=NOW)
+    assert d.action is Action.RELAY
+    assert d.rule == "disabled"
+
+
+def test_threshold_change_is_picked_up_on_next_score(service: ScoringService,
+                                                     r: redis.Redis) -> None:
+    a = attempt(user_agent="sipvicious")
+    assert service.score(a, now=NOW).action is Action.REJECT
+    config_admin.set_value(r, "weight.scanner", "0.5", user="test")
+    config_admin.set_value(r, "reject_threshold", "0.9", user="test")
+    d = service.score(a, now=NOW)
+    assert d.score == 0.5
+    assert d.action is Action.DIVERT
+
+
+def test_list_add_is_picked_up_on_next_score(service: ScoringService, r: redis.Redis) -> None:
+    a = attempt(source_ip="203.0.113.50")
+    assert service.score(a, now=NOW).action is Action.RELAY
+    ListStore(r).add("block", "ip", "203.0.113.50", reason="abuse", user="test")
+    d = service.score(a, now=NOW)
+    assert d.action is Action.REJECT
+    assert d.rule == "blocklist"
+    assert service.lists.version == 1
+    ListStore(r).remove("block", "ip", "203.0.113.50", user="test")
+    assert service.score(a, now=NOW).action is Action.RELAY
+
+
+def test_allow_list_add_is_picked_up(service: ScoringService, r: redis.Redis) -> None:
+    a = attempt(user_agent="friendly-scanner", from_user="+15550100")
+    assert service.score(a, now=NOW).action is Action.REJECT
+    ListStore(r).add("allow", "number", "+1 555 0100", user="test")
+    d = service.score(a, now=NOW)
+    assert (d.action, d.rule) == (Action.RELAY, "allowlist")
+
+
+def test_lists_are_not_reloaded_without_a_version_change(service: ScoringService,
+                                                         r: redis.Redis) -> None:
+    service.score(attempt(), now=NOW)
+    first = service.lists
+    service.score(attempt(), now=NOW)
+    assert service.lists is first
+
+
+def test_shared_state_raises_the_score(service: ScoringService) -> None:
+    d = None
+    for n in range(100, 112):
+        d = service.score(attempt(ruri_user=str(n), call_id=f"c{n}"), now=NOW)
+    assert d is not None
+    sweep = next(c for c in d.contributions if c.name == "sweep")
+    assert sweep.score == 1.0
+    assert sweep.reason == "12 sequential callees 100..111"
+    # sweep 0.5 + rate_ip 0.35 * 7/15 + rate_caller 0.35 (12 from alice in 10 s) >= 1
+    assert d.score == 1.0
+    assert d.action is Action.REJECT
+
+
+def test_dead_redis_fails_open() -> None:
+    store = Store(dead_redis_url(), timeout=0.2, retry_after=5)
+    service = ScoringService(store)
+    started = time.monotonic()
+    for i in range(50):
+        d = service.score(attempt(call_id=f"c{i}"))
+        assert d.action is Action.RELAY
+        assert d.degraded is True
+    assert time.monotonic() - started < 1.0
+    assert service.counters["redis_unavailable"] == 50
+    assert service.counters["record_lost"] == 50
+    assert store.errors == 1
+
+
+def test_dead_redis_still_rejects_scanners_locally() -> None:
+    service = ScoringService(Store(dead_redis_url(), timeout=0.2))
+    d = service.score(attempt(user_agent="friendly-scanner"))
+    assert d.action is Action.REJECT
+    assert d.degraded is True
+
+
+def test_redis_going_down_mid_life_fails_open(redis_server: object, redis_url: str) -> None:
+    store = Store(redis_url, timeout=0.5, retry_after=0.2)
+    service = ScoringService(store)
+    try:
+        assert service.score(attempt()).degraded is False
+        redis_server.stop()  # type: ignore[attr-defined]
+        d = service.score(attempt())
+        assert (d.action, d.degraded) == (Action.RELAY, True)
+        redis_server.start()  # type: ignore[attr-defined]
+        time.sleep(0.25)
+        assert service.score(attempt()).degraded is False
+    finally:
+        store.close()
+
+
+def test_scanner_probe_notes_the_source(service: ScoringService, r: redis.Redis) -> None:
+    assert service.scanner_probe("198.51.100.7", "Linphone/5.0") is None
+    hit = service.scanner_probe("198.51.100.7", "friendly-scanner")
+    assert hit is not None
+    service.store.fetch_config()
+    assert r.get(keys.scan_key("198.51.100.7")) == b"1"
+    assert 0 < r.ttl(keys.scan_key("198.51.100.7")) <= 86400
+    sig_decision = service.score(attempt(source_ip="198.51.100.7"), now=NOW)
+    scanner = next(c for c in sig_decision.contributions if c.name == "scanner")
+    assert scanner.score == 0.7
+
+
+def test_corrupt_list_entry_does_not_break_scoring(service: ScoringService,
+                                                   r: redis.Redis) -> None:
+    blob = msgpack.packb({"v": 1, "reason": "", "added": 0.0, "expires": 0.0, "by": "x"})
+    r.hset(keys.list_key("block"), "cidr:bogus", blob)
+    r.incr(keys.LISTS_VERSION)
+    d = service.score(attempt(), now=NOW)
+    assert d.action is Action.RELAY
+
+
+def test_lists_key_of_wrong_type_does_not_break_scoring(service: ScoringService,
+                                                        r: redis.Redis) -> None:
+    r.set(keys.list_key("allow"), "oops")
+    r.incr(keys.LISTS_VERSION)
+    d = service.score(attempt(), now=NOW)
+    assert d.action is Action.RELAY
+
+
+@pytest.mark.xfail(reason="BUG: lists.store.load_lists skips unreadable records but not values "
+                          "invalid for their kind; one hand-edited 'cidr:bogus' makes ListMatcher "
+                          "raise, so the whole lists reload fails on every INVITE and no later "
+                          "list change takes effect", strict=True)
+def test_corrupt_list_entry_does_not_hide_valid_ones(service: ScoringService,
+                                                     r: redis.Redis) -> None:
+    service.score(attempt(), now=NOW)
+    blob = msgpack.packb({"v": 1, "reason": "", "added": 0.0, "expires": 0.0, "by": "x"})
+    r.hset(keys.list_key("block"), "cidr:bogus", blob)
+    ListStore(r).add("block", "ip", "192.0.2.10", user="test")
+    d = service.score(attempt(), now=NOW)
+    assert d.action is Action.REJECT
