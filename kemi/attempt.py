@@ -29,8 +29,18 @@ def clean(value: Any, limit: int) -> str:
     return text
 
 
-def _pv(name: str, limit: int) -> str:
-    return clean(KSR.pv.get(name), limit)
+def read_pv(name: str, limit: int) -> str:
+    """Read a pseudo-variable; non-UTF-8 bytes (which make KSR.pv.get raise) are read again
+    hex-encoded by a Kamailio transformation and decoded with replacement characters."""
+    try:
+        return clean(KSR.pv.get(name), limit)
+    except UnicodeDecodeError:
+        hexed = KSR.pv.get(f"$({name[1:]}{{s.encode.hexa}})") or ""
+        try:
+            raw = bytes.fromhex(str(hexed)[: limit * 8])
+        except ValueError:
+            return ""
+        return clean(raw.decode("utf-8", "replace"), limit)
 
 
 def _present(header: str) -> bool:
@@ -46,22 +56,22 @@ def build_attempt() -> CallAttempt:
     sdp = int(KSR.textops.has_body_type("application/sdp")) > 0 if _present("Content-Type") \
         else False
     return CallAttempt(
-        call_id=_pv("$ci", LIMITS["call_id"]),
-        source_ip=_pv("$si", 64),
+        call_id=read_pv("$ci", LIMITS["call_id"]),
+        source_ip=read_pv("$si", 64),
         source_port=port,
-        transport=_pv("$pr", 8).lower() or "udp",
-        from_uri=_pv("$fu", LIMITS["uri"]),
-        from_user=_pv("$fU", LIMITS["user"]),
-        from_domain=_pv("$fd", LIMITS["domain"]).lower(),
-        from_display=_pv("$fn", LIMITS["display"]),
-        to_uri=_pv("$tu", LIMITS["uri"]),
-        to_user=_pv("$tU", LIMITS["user"]),
-        request_uri=_pv("$ru", LIMITS["uri"]),
-        ruri_user=_pv("$rU", LIMITS["user"]),
-        ruri_domain=_pv("$rd", LIMITS["domain"]).lower(),
-        pai=_pv("$ai", LIMITS["uri"]),
-        user_agent=_pv("$ua", LIMITS["ua"]),
-        contact=_pv("$ct", LIMITS["uri"]),
+        transport=read_pv("$pr", 8).lower() or "udp",
+        from_uri=read_pv("$fu", LIMITS["uri"]),
+        from_user=read_pv("$fU", LIMITS["user"]),
+        from_domain=read_pv("$fd", LIMITS["domain"]).lower(),
+        from_display=read_pv("$fn", LIMITS["display"]),
+        to_uri=read_pv("$tu", LIMITS["uri"]),
+        to_user=read_pv("$tU", LIMITS["user"]),
+        request_uri=read_pv("$ru", LIMITS["uri"]),
+        ruri_user=read_pv("$rU", LIMITS["user"]),
+        ruri_domain=read_pv("$rd", LIMITS["domain"]).lower(),
+        pai=read_pv("$ai", LIMITS["uri"]),
+        user_agent=read_pv("$ua", LIMITS["ua"]),
+        contact=read_pv("$ct", LIMITS["uri"]),
         has_identity=_present("Identity"),
         has_alert_info=_present("Alert-Info"),
         has_sdp=sdp,

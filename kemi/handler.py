@@ -48,12 +48,13 @@ _add_venv(_root())
 
 import KSR  # noqa: E402
 
-from kemi.attempt import build_attempt, clean  # noqa: E402
+from kemi.attempt import build_attempt, clean, read_pv  # noqa: E402
 from scoring.model import Action, Decision  # noqa: E402
 from scoring.service import ScoringService  # noqa: E402
 from scoring.store import Store  # noqa: E402
 
-_USER_SAFE = re.compile(r"[^A-Za-z0-9\-_.!~*'()&=+$,;?/]")
+# Characters outside RFC 3261 `user`, and '%' not starting a valid escape, get percent-escaped.
+_USER_SAFE = re.compile(r"[^A-Za-z0-9\-_.!~*'()&=+$,;?/%]|%(?![0-9A-Fa-f]{2})")
 _HOST_SAFE = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,253}$")
 
 
@@ -247,10 +248,10 @@ class Handler:
     def _scanner_non_invite(self) -> bool:
         """Drop or reject out-of-dialog non-INVITE requests from scanner User-Agents."""
         svc = self._ensure_service()
-        ua = clean(KSR.pv.get("$ua"), 256)
+        ua = read_pv("$ua", 256)
         if not ua:
             return False
-        hit = svc.scanner_probe(clean(KSR.pv.get("$si"), 64), ua)
+        hit = svc.scanner_probe(read_pv("$si", 64), ua)
         if hit is None:
             return False
         action = str(svc.config["scanner.non_invite"])
@@ -290,7 +291,7 @@ class Handler:
             KSR.tm.t_reply(code, "Rejected" if code == 608 else "Decline")
             return 0
         if decision.action is Action.DIVERT and self.media_uri:
-            orig = sip_uri(clean(KSR.pv.get("$rU"), 128), clean(KSR.pv.get("$rd"), 128))
+            orig = sip_uri(read_pv("$rU", 128), read_pv("$rd", 128))
             KSR.hdr.append(
                 f"Diversion: <{orig}>;reason=unknown;counter=1;"
                 f"spitwall-score={decision.score:.2f}\r\n"

@@ -7,6 +7,7 @@ skipped at match time, so an entry's TTL holds even before the next rebuild.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import ipaddress
 import re
@@ -52,6 +53,9 @@ class ListMatcher:
         """First matching entry, most specific identity first."""
         t = time.time() if now is None else now
         if ip:
+            if ":" in ip:  # Kamailio prints IPv6 uncompressed; entries are compressed
+                with contextlib.suppress(ValueError):
+                    ip = str(ipaddress.ip_address(ip))
             e = self._get("ip", ip, t)
             if e:
                 return ListHit(e, f"ip {ip}")
@@ -80,7 +84,7 @@ class ListMatcher:
         if user_agent and self._ua:
             low = user_agent.lower()
             for rx, e in self._ua:
-                if not e.expired(t) and rx.search(low):
+                if not e.expired(t) and (rx.match(low) if _is_glob(e.value) else rx.search(low)):
                     return ListHit(e, f"user-agent {e.value!r}")
         if country:
             e = self._get("country", country.upper(), t)
@@ -104,13 +108,17 @@ class ListMatcher:
         return None
 
 
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
 def _ua_regex(pattern: str) -> re.Pattern[str]:
     """A glob (`*`, `?`) anchored to the whole User-Agent, or else a plain substring.
 
     Globs are translated by fnmatch, whose regexes have no nested quantifiers, so a hostile
     User-Agent cannot make matching slow.
     """
-    if any(ch in pattern for ch in "*?["):
+    if _is_glob(pattern):
         return re.compile(fnmatch.translate(pattern), re.IGNORECASE)
     return re.compile(re.escape(pattern), re.IGNORECASE)
 

@@ -67,7 +67,7 @@ def normalise(kind: str, value: str) -> str:
     if kind == "number":
         n = normalise_number(v)
         digits = n.lstrip("+")
-        if not 3 <= len(digits) <= 20 or len(n) - len(digits) > 1 or any(
+        if not 3 <= len(digits) <= 20 or "+" in v.lstrip()[1:] or any(
             ch not in "0123456789+-(). " for ch in v
         ):
             raise ValueError(f"not a phone number: {v!r}")

@@ -32,7 +32,10 @@ def load_lists(client: redis.Redis) -> dict[str, list[ListEntry]]:
         for f, blob in raw.items():
             field = f.decode("utf-8", "replace") if isinstance(f, bytes) else str(f)
             try:
-                entries.append(ListEntry.unpack(field, blob))
+                entry = ListEntry.unpack(field, blob)
+                if normalise(entry.kind, entry.value) != entry.value:
+                    raise ValueError("value not in normal form")
+                entries.append(entry)
             except (ValueError, TypeError) as exc:  # hand-edited garbage: cannot match
                 log.warning("list %s: skipping unreadable entry %r: %s", name, field, exc)
         out[name] = entries
@@ -51,8 +54,7 @@ class ListStore:
         norm = normalise(kind, value)
         if ttl is not None and not 0 < ttl <= 10 * 365 * 86400:
             raise ValueError(f"--ttl must be between 1 second and 10 years, got {ttl:g}")
-        if len(reason) > 200 or any(ord(c) < 32 for c in reason):
-            raise ValueError("--reason must be at most 200 printable characters")
+        _check_text(reason, "--reason")
         now = time.time()
         entry = ListEntry(kind, norm, reason, now, now + ttl if ttl else 0.0,
                           user or audit.os_user())
@@ -139,10 +141,19 @@ def _entry_from_json(item: Any, now: float, who: str, where: str) -> ListEntry:
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     expires = item.get("expires") or 0.0
-    if not isinstance(expires, int | float):
-        raise ValueError(f"{where}: expires must be a number")
-    return ListEntry(str(item["kind"]), norm, str(item.get("reason", ""))[:200],
-                     float(item.get("added") or now), float(expires), str(item.get("by") or who))
+    added = item.get("added") or now
+    for name, v in (("expires", expires), ("added", added)):
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise ValueError(f"{where}: {name} must be a number")
+    reason, by = str(item.get("reason") or "")[:200], str(item.get("by") or who)[:200]
+    for name, text in (("reason", reason), ("by", by)):
+        _check_text(text, f"{where}: {name}")
+    return ListEntry(str(item["kind"]), norm, reason, float(added), float(expires), by)
+
+
+def _check_text(text: str, what: str) -> None:
+    if len(text) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(f"{what} must be at most 200 printable characters")
 
 
 def _describe(field: str, blob: bytes | None) -> str:

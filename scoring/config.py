@@ -216,10 +216,30 @@ def validate_change(current_raw: Mapping[str, str], key: str, text: str) -> Any:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"unknown config key {key!r}{hint}; see 'spitwall config show'")
     value = param.parse(text)
-    merged = Config.from_raw(current_raw).as_dict()
+    merged = strict_values(current_raw)
     merged[key] = value
     _cross_check(merged)
     return value
+
+
+def strict_values(raw: Mapping[str, str]) -> dict[str, Any]:
+    """Defaults overlaid with each stored override, without the cross-check fallback of
+    `Config.from_raw` (unknown or unparseable stored values are skipped)."""
+    values = {k: p.default for k, p in PARAMS.items()}
+    for k, text in raw.items():
+        p = PARAMS.get(k)
+        if p is None:
+            continue
+        try:
+            values[k] = p.parse(text)
+        except ValueError:
+            continue
+    return values
+
+
+def check_values(values: Mapping[str, Any]) -> None:
+    """Raise ValueError when knobs contradict each other."""
+    _cross_check(values)
 
 
 Parser = Callable[[str], Any]

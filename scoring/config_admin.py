@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from scoring import audit, keys
-from scoring.config import PARAMS, Config, validate_change
+from scoring.config import PARAMS, Config, check_values, strict_values, validate_change
 
 
 def _raw(client: redis.Redis) -> dict[str, str]:
@@ -61,12 +61,8 @@ def reset(client: redis.Redis, key: str | None = None, user: str | None = None) 
             try:
                 pipe.watch(keys.CONFIG)  # type: ignore[no-untyped-call]
                 raw = {_s(k): _s(v) for k, v in pipe.hgetall(keys.CONFIG).items()}
-                if key is not None:
-                    merged = dict(raw)
-                    merged.pop(key, None)
-                    Config.from_raw(merged)  # parse only; cross-check below
-                    if key in raw:
-                        validate_change(merged, key, _canonical(PARAMS[key].default))
+                remaining = {k: v for k, v in raw.items() if key is not None and k != key}
+                check_values(strict_values(remaining))  # e.g. divert must stay <= reject
                 targets = [key] if key is not None else sorted(raw)
                 present = [k for k in targets if k in raw]
                 pipe.multi()
@@ -86,5 +82,5 @@ def _canonical(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.15g}"
     return str(value)

@@ -40,7 +40,7 @@ def decision_buckets() -> list[str]:
 
 def entity_id(value: str) -> str:
     """A bounded, key-safe name for an attacker-controlled identity."""
-    if _SAFE.match(value):
+    if _SAFE.fullmatch(value):
         return value
     digest = hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=12)
     return "h" + digest.hexdigest()

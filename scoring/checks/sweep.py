@@ -16,7 +16,7 @@ def longest_sequence(callees: Iterable[str], max_step: int = 2) -> tuple[int, in
 
     Returns (length, first, last). Non-numeric callees are ignored; duplicates count once.
     """
-    nums = sorted({int(c) for c in callees if c.isdigit() and len(c) <= 18})
+    nums = sorted({int(c) for c in callees if c.isascii() and c.isdigit() and len(c) <= 18})
     best = (0, 0, 0)
     start = 0
     for i in range(len(nums)):

@@ -126,7 +126,7 @@ def test_svmap_sees_nothing_and_source_is_remembered(lab_factory: Any) -> None:
 
         d = find_decision(client, next(iter(res.outcomes)))
         assert d is not None
-        scanner = [c for c in d["checks"] if c[0] == "scanner"][0]
+        scanner = next(c for c in d["checks"] if c[0] == "scanner")
         assert scanner[1] > 0, d
         # the proxy still answers ordinary OPTIONS pings
         from ops.procs import sip_options_ping

@@ -118,10 +118,6 @@ def test_normalise_unknown_kind() -> None:
         normalise("email", "a@b.c")
 
 
-@pytest.mark.xfail(reason="BUG: normalise('number') accepts '+' anywhere ('555+0100' -> "
-                          "'5550100', '++123' -> '+123'): the check len(n) - len(digits) > 1 "
-                          "is dead code because normalise_number keeps at most one '+'",
-                   strict=True)
 @pytest.mark.parametrize("value", ["555+0100", "++15550100", "1+2+3+4"])
 def test_number_with_misplaced_plus_refused(value: str) -> None:
     with pytest.raises(ValueError, match="not a phone number"):

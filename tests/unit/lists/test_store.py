@@ -227,9 +227,6 @@ def test_import_of_non_utf8_file(ls: ListStore, r: redis.Redis, tmp_path: Path) 
     assert r.keys("*") == []
 
 
-@pytest.mark.xfail(reason="BUG: lists.store._entry_from_json calls float() on 'added' unchecked: "
-                          "a non-numeric 'added' (list/object) raises TypeError, not ValueError, "
-                          "so `spitwall list import` dies with a traceback", strict=True)
 @pytest.mark.parametrize("added", [[1], {"a": 1}])
 def test_import_wrong_type_is_a_value_error(ls: ListStore, r: redis.Redis, tmp_path: Path,
                                             added: Any) -> None:
@@ -255,9 +252,6 @@ def test_import_empty_lists(ls: ListStore, r: redis.Redis, tmp_path: Path) -> No
     assert r.get(keys.LISTS_VERSION) == b"1"
 
 
-@pytest.mark.xfail(reason="BUG: import_file only truncates 'reason'; unlike add() it lets control "
-                          "characters (CR/LF, ESC) through, which `spitwall list show` then prints "
-                          "raw", strict=True)
 def test_import_refuses_or_cleans_control_characters(ls: ListStore, tmp_path: Path) -> None:
     doc = {"version": 1, "lists": {"block": [dict(GOOD, reason="x\r\nfake line\x1b[2J")]}}
     try:

@@ -329,9 +329,6 @@ def test_list_import_bad_file_exits_2_and_changes_nothing(run: Run, raw: redis.R
     assert _state(raw) == before
 
 
-@pytest.mark.xfail(reason="BUG: a list import file whose 'added' is not a number raises TypeError "
-                          "in lists.store._entry_from_json, which cli.main does not catch: "
-                          "traceback instead of a one-line error", strict=True)
 def test_list_import_wrong_type_exits_2(run: Run, tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"version": 1, "lists": {"block": [

@@ -67,9 +67,6 @@ def test_set_without_user_records_os_user(r: redis.Redis) -> None:
     assert _audit(r)[0]["user"] == audit.os_user()
 
 
-@pytest.mark.xfail(reason="BUG: config_admin._canonical stores floats with '%g' (6 significant "
-                          "digits): 'set rate_ip.long.hard 1234567' stores 1.23457e+06",
-                   strict=True)
 def test_set_keeps_the_value_exactly(r: redis.Redis) -> None:
     value = config_admin.set_value(r, "rate_ip.long.hard", "1234567", user="u")
     cfg, _raw = config_admin.show(r)
@@ -160,11 +157,6 @@ def test_reset_unknown_key_refused_and_changes_nothing(r: redis.Redis) -> None:
     assert _state(r) == before
 
 
-@pytest.mark.xfail(reason="BUG: reset validates via validate_change(), whose Config.from_raw() "
-                          "silently replaces contradicting thresholds by defaults, so resetting "
-                          "reject_threshold under a stored divert_threshold=0.8 is accepted and "
-                          "leaves a hash that every child rejects (all ramps fall back)",
-                   strict=True)
 def test_reset_refused_when_it_would_contradict(r: redis.Redis) -> None:
     config_admin.set_value(r, "reject_threshold", "0.9", user="u")
     config_admin.set_value(r, "divert_threshold", "0.8", user="u")

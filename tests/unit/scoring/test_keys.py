@@ -60,9 +60,6 @@ def test_every_derived_key_keeps_one_hash_tag(kind: str, value: str) -> None:
     pytest.param("1.2.3.4\n", id="trailing-LF"),
     pytest.param("alice@example.com\n", id="caller-LF"),
 ])
-@pytest.mark.xfail(reason="BUG: keys._SAFE uses '$', which also matches before a trailing "
-                          "newline, so 'x\\n' passes as safe and goes into the key verbatim",
-                   strict=True)
 def test_trailing_newline_is_not_kept_verbatim(value: str) -> None:
     assert "\n" not in keys.entity_id(value)
 

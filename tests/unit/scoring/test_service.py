@@ -186,10 +186,6 @@ def test_lists_key_of_wrong_type_does_not_break_scoring(service: ScoringService,
     assert d.action is Action.RELAY
 
 
-@pytest.mark.xfail(reason="BUG: lists.store.load_lists skips unreadable records but not values "
-                          "invalid for their kind; one hand-edited 'cidr:bogus' makes ListMatcher "
-                          "raise, so the whole lists reload fails on every INVITE and no later "
-                          "list change takes effect", strict=True)
 def test_corrupt_list_entry_does_not_hide_valid_ones(service: ScoringService,
                                                      r: redis.Redis) -> None:
     service.score(attempt(), now=NOW)

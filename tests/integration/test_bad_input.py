@@ -1,0 +1,122 @@
+"""Hostile INVITEs through the real proxy: no child crashes, nothing unescaped reaches the
+headers we add, no unbounded Redis keys, and legitimate calls keep working."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from ops.sipp import free_udp_port, run_uac
+from tests.integration.helpers import children_of, rig, rows, spitwall
+
+pytestmark = pytest.mark.integration
+
+SDP = (b"v=0\r\no=- 1 1 IN IP4 127.0.9.1\r\ns=-\r\nc=IN IP4 127.0.9.1\r\nt=0 0\r\n"
+       b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+def invite(n: int, port: int, src_port: int, *, ruri_user: bytes = b"bob",
+           from_hdr: bytes | None = None, extra: bytes = b"", ua: bytes = b"Linphone/5.2",
+           body: bytes = SDP, content_length: bytes | None = None) -> bytes:
+    cl = content_length if content_length is not None else str(len(body)).encode()
+    frm = from_hdr or b'"Alice" <sip:alice@127.0.9.1>;tag=t' + str(n).encode()
+    return (b"INVITE sip:" + ruri_user + b"@127.0.0.1:" + str(port).encode() + b" SIP/2.0\r\n"
+            b"Via: SIP/2.0/UDP 127.0.9.1:" + str(src_port).encode()
+            + b";branch=z9hG4bKbad" + str(n).encode() + b"\r\n"
+            b"Max-Forwards: 70\r\n"
+            b"From: " + frm + b"\r\n"
+            b"To: <sip:bob@127.0.0.1>\r\n"
+            b"Call-ID: bad-" + str(n).encode() + b"@127.0.9.1\r\n"
+            b"CSeq: 1 INVITE\r\n"
+            b"Contact: <sip:alice@127.0.9.1:" + str(src_port).encode() + b">\r\n"
+            b"User-Agent: " + ua + b"\r\n" + extra +
+            b"Content-Type: application/sdp\r\n"
+            b"Content-Length: " + cl + b"\r\n\r\n" + body)
+
+
+def send_all(port: int, messages: list[bytes], src_port: int) -> list[bytes]:
+    """Send each hostile request from 127.0.9.1 and collect whatever comes back."""
+    replies: list[bytes] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.9.1", src_port))
+        s.settimeout(0.3)
+        for m in messages:
+            s.sendto(m, ("127.0.0.1", port))
+            try:
+                while True:
+                    replies.append(s.recv(65535))
+            except TimeoutError:
+                pass
+    return replies
+
+
+def test_hostile_headers_never_crash_or_leak(lab_factory: Any) -> None:
+    with rig(lab_factory) as r:
+        workers = children_of(r.kamailio_pid)
+        src_port = free_udp_port("127.0.9.1")
+        huge = b"A" * 10_000
+        msgs = [
+            # 10 KB From user and display name
+            invite(1, r.port, src_port, from_hdr=b'"' + huge + b'" <sip:' + huge
+                   + b"@127.0.9.1>;tag=a1"),
+            # non-UTF-8 bytes in display name, User-Agent and From user
+            invite(2, r.port, src_port, from_hdr=b'"\xff\xfe\xc3\x28" <sip:\xe9t\xe9@127.0.9.1>'
+                   b";tag=a2", ua=b"\xff\xfe bot \x80"),
+            # CRLF inside a display name: smuggles a score header of its own
+            invite(3, r.port, src_port, from_hdr=b'"evil\r\nX-Spitwall-Score: 0.00" '
+                   b"<sip:eve@127.0.9.1>;tag=a3"),
+            # a forged score header, twice
+            invite(4, r.port, src_port, extra=b"X-Spitwall-Score: 0.00\r\n"
+                   b"x-spitwall-score: -1\r\n"),
+            # absurd Content-Length
+            invite(5, r.port, src_port, content_length=b"99999999999"),
+            invite(6, r.port, src_port, content_length=b"-5"),
+            # truncated garbage and an empty datagram
+            b"INVITE sip:bob@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP",
+            b"\x00\x01\x02" * 100,
+        ]
+        replies = send_all(r.port, msgs, src_port)
+        assert replies, "the proxy answered nothing at all"
+        time.sleep(0.5)
+        assert children_of(r.kamailio_pid) == workers, "a Kamailio child died"
+
+        # What reached the core carries exactly one well-formed score header of ours.
+        for inv in r.next_hop.invite_messages():
+            values = inv.headers("X-Spitwall-Score")
+            assert len(values) == 1, inv.raw[:400]
+            assert 0.0 <= float(values[0]) <= 1.0
+
+        # Redis keys stay short and printable whatever the caller sent.
+        client = redis.Redis.from_url(r.redis_url)
+        for key in client.scan_iter(count=1000):
+            assert len(key) <= 200, key[:80]
+            assert all(32 <= b < 127 for b in key), key
+        # the 10 KB caller is recorded with bounded fields
+        from scoring.store import find_decision
+
+        d = find_decision(client, "bad-1@127.0.9.1")
+        assert d is not None and len(d["call"]["from"]) <= 256
+
+        # legitimate calls still go through
+        res = run_uac(r.host, r.port, "127.0.9.2", 2, 5, rows(2))
+        assert res.count(200) == 2, res.summary()
+
+
+def test_diversion_header_escapes_hostile_request_uri(lab_factory: Any) -> None:
+    with rig(lab_factory) as r:
+        assert spitwall("config", "set", "divert_threshold", "0", redis_url=r.redis_url) \
+            .returncode == 0
+        user = b'bob%0D%0AX-Evil"<>%zz'
+        src_port = free_udp_port("127.0.9.1")
+        send_all(r.port, [invite(7, r.port, src_port, ruri_user=user)], src_port)
+        got = r.machine.wait_for_invites(1)
+        assert got, "the diverted INVITE did not reach the answering machine"
+        div = got[0].header("Diversion") or ""
+        # valid escapes kept, quote and angle brackets escaped, a stray '%' escaped
+        assert div.startswith("<sip:bob%0D%0AX-Evil%22%3C%3E%25zz@127.0.0.1>"), div
+        assert "X-Evil" not in "".join(h for h, _ in got[0].header_items if h != "Diversion")
+        assert not got[0].has_header("X-Evil")
