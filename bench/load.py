@@ -1,0 +1,696 @@
+#!/usr/bin/env python3
+"""Phase-1 load benchmark: calls per second through the proxy, scoring off vs on, side by side.
+
+One run starts its own lab (redis-server + Kamailio with ``kamailio.cfg``, on loopback and free
+ports), a SIPp UAS as the next hop (``tests/sipp/uas.xml``) and, per round, one SIPp UAC
+(``tests/sipp/uac.xml``) per source address (127.0.2.1, 127.0.2.2, ...). Rounds alternate between
+``enabled=false`` (the kill switch) and ``enabled=true`` (full scoring) in the order
+off/on, on/off, off/on, ... so that slow drift of the machine hits both modes alike.
+
+Per round it measures:
+
+* completed calls per second: calls SIPp completed / wall time of the round. The UACs run closed
+  loop (``-l``: at most ``--concurrency`` calls in flight, new calls start as old ones end) with a
+  target rate (``--rate``) above what the proxy sustains, so the proxy is the bottleneck and the
+  number is its capacity on this machine (with the SIPp processes sharing the CPUs);
+* CPU time per call of every Kamailio process (the main pid and its children, from
+  /proc/<pid>/stat) and of redis-server: on a noisy, shared machine this is the more robust
+  capacity measure;
+* Redis work per INVITE: deltas of ``INFO commandstats`` (per command, client-issued and inside
+  the Lua scripts) and of ``INFO stats`` (socket reads, reply writes) divided by the INVITEs the
+  store saw (the ``action:*`` decision counters, which every INVITE increments).
+
+The benchmark traffic must take the full scoring path yet be relayed, not rejected: it raises
+every ramp (``*.soft``/``*.hard``) far out of reach with ``config set`` once, before the rounds,
+so every check still runs against Redis and scores 0. Nothing is allow-listed.
+
+Run it as ``.venv/bin/python bench/load.py`` (``make bench``); ``--json`` prints a summary as
+JSON. Every process it starts is stopped by its pid, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import redis  # noqa: E402
+
+from ops.lab import Lab, LabError, LabState  # noqa: E402
+from ops.sipp import (  # noqa: E402
+    UAC_SCENARIO,
+    UasProcess,
+    free_udp_port,
+    sipp_binary,
+    start_uas,
+    write_injection,
+)
+from scoring import config_admin, keys  # noqa: E402
+
+#: Ramps raised out of reach so that the benchmark traffic scores 0 (relayed) after every check
+#: ran. (stem, soft, hard); hard is set first so that soft < hard holds at every step.
+NEUTRAL_RAMPS = (
+    "rate_ip.short", "rate_ip.long",
+    "rate_caller.short", "rate_caller.long",
+    "rate_callee.short", "rate_callee.long",
+    "distinct_callers", "sweep",
+)  # fmt: skip
+NEUTRAL_SOFT, NEUTRAL_HARD = "100000000", "1000000000"
+
+#: Commands the store sends itself on the request path (the rest of commandstats comes from
+#: inside observe.lua / record.lua, or from config reloads).
+CLIENT_COMMANDS = ("evalsha", "mget", "hincrby")
+#: Commands the Lua scripts run (Redis 7 counts them in commandstats too).
+SCRIPT_COMMANDS = (
+    "incr", "expire", "get", "pfadd", "pfcount", "lpush", "ltrim", "lrange", "hset", "del",
+)  # fmt: skip
+#: What our own two monitoring commands add between two snapshots (see redis_snapshot).
+OWN_COMMANDS = {"info": 1, "hgetall": 1}
+OWN_READS = 2
+OWN_WRITES = 2
+
+USER_AGENT = "spitwall-bench/1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class RoundResult:
+    """One measured round (one mode, ``calls`` calls)."""
+
+    index: int
+    mode: str  # "off" (enabled=false) or "on" (enabled=true)
+    calls: int
+    successful: int
+    failed: int
+    wall_s: float
+    cps: float
+    kamailio_cpu_ms_per_call: float
+    redis_cpu_ms_per_call: float
+    kamailio_cpu_util: float  # Kamailio CPU seconds per wall second (2.0 = two full cores)
+    sipp_cpu_ms_per_call: float  # the UACs and the UAS together
+    machine_busy: float  # fraction of all CPUs busy during the round (every process)
+    invites_scored: int
+    actions: dict[str, int]
+    commands: dict[str, int]  # commandstats deltas (our own INFO excluded)
+    redis_reads: int  # socket reads Redis did (total_reads_processed delta, own INFO excluded)
+    redis_writes: int  # reply writes (total_writes_processed delta, own INFO excluded)
+    sipp_rc: list[int | None] = field(default_factory=list)
+
+    def per_invite(self, name: str) -> float:
+        return self.commands.get(name, 0) / self.invites_scored if self.invites_scored else 0.0
+
+
+@dataclass
+class Settings:
+    calls: int
+    rounds: int
+    rate: float
+    concurrency: int
+    sources: int
+    children: int
+    warmup: int
+    timeout: float
+
+
+# ------------------------------------------------------------------------------------ /proc
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime + stime in clock ticks) of ``pid``, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    # fields[0] is state (field 3); ppid is field 4, utime 14, stime 15 (1-based, man proc).
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and stat[0] == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    total = 0
+    for pid in pids:
+        stat = _proc_stat(pid)
+        if stat is not None:
+            total += stat[1]
+    return total / CLK_TCK
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user
+    return total - idle, total
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of our reaped children (the SIPp UACs)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+# ------------------------------------------------------------------------------------ redis
+
+
+def redis_snapshot(client: redis.Redis) -> tuple[dict[str, int], int, int, dict[str, int]]:
+    """(commandstats calls per command, reads, writes, decision counters).
+
+    Two commands of our own, HGETALL then INFO. Between two snapshots, Redis therefore counts
+    OWN_READS reads (the second snapshot's HGETALL and INFO), OWN_WRITES reply writes (the first
+    INFO's reply and the second HGETALL's; the second INFO's reply is written after INFO ran)
+    and one HGETALL: the callers subtract them.
+    """
+    raw = client.hgetall(keys.STATS)
+    counters = {_s(k): int(v) for k, v in raw.items()}
+    info: dict[str, Any] = client.info("commandstats", "stats")
+    commands: dict[str, int] = {}
+    for name, value in info.items():
+        if name.startswith("cmdstat_") and isinstance(value, dict):
+            commands[name[len("cmdstat_") :]] = int(value.get("calls", 0))
+    reads = int(info.get("total_reads_processed", 0))
+    writes = int(info.get("total_writes_processed", 0))
+    return commands, reads, writes, counters
+
+
+def _s(x: Any) -> str:
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def neutralise_scores(client: redis.Redis) -> None:
+    """Raise every ramp out of reach: all checks run, none scores (calls are relayed)."""
+    for stem in NEUTRAL_RAMPS:
+        config_admin.set_value(client, f"{stem}.hard", NEUTRAL_HARD, user="bench")
+        config_admin.set_value(client, f"{stem}.soft", NEUTRAL_SOFT, user="bench")
+    config_admin.set_value(client, "sweep.sequential_min", "100", user="bench")
+
+
+# ------------------------------------------------------------------------------------ sipp
+
+
+class UacFleet:
+    """The SIPp UACs of one round, one per source address; stopped by pid in ``stop``."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self,
+        workdir: Path,
+        target: tuple[str, int],
+        sources: Sequence[str],
+        calls: int,
+        rate: float,
+        concurrency: int,
+        timeout: float,
+    ) -> list[Path]:
+        """Start one sipp per source with its share of calls/rate/concurrency; return the
+        paths of their statistics files."""
+        stat_files: list[Path] = []
+        rng = random.Random()
+        n = len(sources)
+        for i, src in enumerate(sources):
+            share = calls // n + (1 if i < calls % n else 0)
+            if share == 0:
+                continue
+            wd = workdir / f"uac{i}"
+            wd.mkdir(parents=True, exist_ok=True)
+            # Many distinct callers and callees, random (so no sequential-callee runs).
+            rows = [
+                (f"+1{rng.randrange(10**9, 10**10)}", f"{rng.randrange(10**9, 10**10)}",
+                 "Bench", USER_AGENT)
+                for _ in range(share)
+            ]  # fmt: skip
+            inf = write_injection(wd / "calls.csv", rows)
+            stat = wd / "stat.csv"
+            cmd = [
+                sipp_binary(), f"{target[0]}:{target[1]}",
+                "-sf", str(UAC_SCENARIO), "-inf", str(inf),
+                "-i", src, "-p", str(free_udp_port(src)),
+                "-mi", src, "-mp", str(free_udp_port(src, also_plus=(2,))),
+                "-ci", src, "-cp", str(free_udp_port(src)),
+                "-m", str(share),
+                "-r", f"{max(rate / n, 1):g}", "-rp", "1000",
+                "-l", str(max(concurrency // n, 1)),
+                "-d", "0",
+                "-recv_timeout", "10000",
+                "-timeout", f"{max(1, int(timeout))}s",
+                "-nostdin",
+                "-trace_stat", "-stf", str(stat),
+                "-trace_err", "-error_file", str(wd / "errors.log"),
+            ]  # fmt: skip
+            with (wd / "out.txt").open("wb") as out:
+                proc = subprocess.Popen(
+                    cmd, cwd=wd, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+            self.procs.append(proc)
+            stat_files.append(stat)
+        return stat_files
+
+    def wait(self, timeout: float) -> list[int | None]:
+        deadline = time.monotonic() + timeout
+        codes: list[int | None] = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        return codes
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            _stop_popen(proc)
+        self.procs = []
+
+
+def _stop_popen(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, this one pid (started by us); always reaped."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
+
+
+def read_sipp_stats(path: Path) -> dict[str, str]:
+    """The last line of a sipp -trace_stat CSV, by column name."""
+    if not path.exists():
+        return {}
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    if len(lines) < 2:
+        return {}
+    header, last = lines[0].split(";"), lines[-1].split(";")
+    return dict(zip(header, last, strict=False))
+
+
+def _stat_int(stats: dict[str, str], column: str) -> int:
+    value = stats.get(column, "")
+    return int(value) if value.isdigit() else 0
+
+
+# ------------------------------------------------------------------------------------ bench
+
+
+class Bench:
+    """Owns every process of one benchmark run; ``close`` stops them all by pid."""
+
+    def __init__(self, settings: Settings, workdir: Path, log: Any) -> None:
+        self.s = settings
+        self.workdir = workdir
+        self.log = log
+        self.lab = Lab(workdir / "lab")
+        self.lab_state: LabState | None = None
+        self.uas: UasProcess | None = None
+        self.fleet: UacFleet | None = None
+        self.client: redis.Redis | None = None
+        self.kamailio_pids: list[int] = []
+        self.redis_pid: int | None = None
+        self.sources = [f"127.0.2.{i + 1}" for i in range(settings.sources)]
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def up(self) -> None:
+        self.uas = start_uas("127.0.0.1", trace_msg=False, workdir=self.workdir / "uas")
+        self.log(f"next hop: sipp UAS pid {self.uas.pid} on {self.uas.address}")
+        self.lab_state = self.lab.up(next_hop=self.uas.uri, children=self.s.children)
+        st = self.lab_state
+        self.log(f"lab: kamailio pid {st.pids['kamailio']} on {st.sip_addr}:{st.sip_port}, "
+                 f"{st.children} children; redis-server pid {st.pids['redis']} {st.redis_url}")
+        main_pid = st.pids["kamailio"]
+        self.kamailio_pids = [main_pid, *_children_of(main_pid)]
+        self.redis_pid = st.pids["redis"]
+        self.client = redis.Redis.from_url(st.redis_url, socket_timeout=10)
+        neutralise_scores(self.client)
+
+    def close(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
+            self.fleet = None
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        try:
+            self.lab.down()
+        except LabError as exc:
+            print(f"bench: lab down: {exc}", file=sys.stderr)
+        if self.uas is not None:
+            self.uas.close()
+            self.uas = None
+
+    # -- rounds -------------------------------------------------------------------------
+    def set_mode(self, mode: str) -> None:
+        assert self.client is not None
+        config_admin.set_value(self.client, "enabled", "true" if mode == "on" else "false",
+                               user="bench")
+
+    def run_calls(
+        self, tag: str, calls: int
+    ) -> tuple[float, list[dict[str, str]], list[int | None]]:
+        """Place ``calls`` calls; return (wall seconds, sipp stats per UAC, exit codes)."""
+        assert self.lab_state is not None
+        fleet = UacFleet()
+        self.fleet = fleet
+        try:
+            start = time.monotonic()
+            stat_files = fleet.start(
+                self.workdir / tag, (self.lab_state.sip_addr, self.lab_state.sip_port),
+                self.sources, calls, self.s.rate, self.s.concurrency, self.s.timeout,
+            )  # fmt: skip
+            codes = fleet.wait(self.s.timeout + 10)
+            wall = time.monotonic() - start
+        finally:
+            fleet.stop()
+            self.fleet = None
+        return wall, [read_sipp_stats(p) for p in stat_files], codes
+
+    def measure_round(self, index: int, mode: str) -> RoundResult:
+        assert self.client is not None and self.redis_pid is not None
+        self.set_mode(mode)
+        # Warm-up: every child sees the new config version on its next INVITE and reloads it
+        # (one extra round trip); do that outside the measurement.
+        if self.s.warmup:
+            self.run_calls(f"r{index}-warmup", self.s.warmup)
+        time.sleep(0.3)
+        cmd0, reads0, writes0, counters0 = redis_snapshot(self.client)
+        assert self.uas is not None
+        busy0, total0 = machine_ticks()
+        sipp0 = children_cpu_seconds() + cpu_seconds([self.uas.pid])
+        kam0, red0 = cpu_seconds(self.kamailio_pids), cpu_seconds([self.redis_pid])
+        wall, stats, codes = self.run_calls(f"r{index}-{mode}", self.s.calls)
+        kam1, red1 = cpu_seconds(self.kamailio_pids), cpu_seconds([self.redis_pid])
+        sipp1 = children_cpu_seconds() + cpu_seconds([self.uas.pid])
+        busy1, total1 = machine_ticks()
+        time.sleep(0.3)  # deferred writes of the last calls reach Redis
+        cmd1, reads1, writes1, counters1 = redis_snapshot(self.client)
+        ok = sum(_stat_int(st, "SuccessfulCall(C)") for st in stats)
+        failed = sum(_stat_int(st, "FailedCall(C)") for st in stats)
+        counters = _delta(counters1, counters0)
+        actions = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("action:")}
+        commands = _delta(cmd1, cmd0)
+        for name, own in OWN_COMMANDS.items():
+            commands[name] = commands.get(name, 0) - own
+        commands = {k: v for k, v in commands.items() if v}
+        invites = sum(actions.values())
+        done = max(ok, 1)
+        return RoundResult(
+            index=index, mode=mode, calls=self.s.calls, successful=ok, failed=failed,
+            wall_s=round(wall, 3), cps=round(ok / wall, 1) if wall > 0 else 0.0,
+            kamailio_cpu_ms_per_call=round(1000 * (kam1 - kam0) / done, 3),
+            redis_cpu_ms_per_call=round(1000 * (red1 - red0) / done, 3),
+            kamailio_cpu_util=round((kam1 - kam0) / wall, 2) if wall > 0 else 0.0,
+            sipp_cpu_ms_per_call=round(1000 * (sipp1 - sipp0) / done, 3),
+            machine_busy=round((busy1 - busy0) / max(total1 - total0, 1), 3),
+            invites_scored=invites, actions=actions, commands=commands,
+            redis_reads=reads1 - reads0 - OWN_READS, redis_writes=writes1 - writes0 - OWN_WRITES,
+            sipp_rc=codes,
+        )  # fmt: skip
+
+    def run(self) -> list[RoundResult]:
+        results: list[RoundResult] = []
+        # Warm the whole path (scripts loaded, Python imports done, config read) first.
+        self.set_mode("on")
+        self.run_calls("warmup", max(self.s.warmup, 200))
+        index = 0
+        for pair in range(self.s.rounds):
+            order = ("off", "on") if pair % 2 == 0 else ("on", "off")
+            for mode in order:
+                index += 1
+                r = self.measure_round(index, mode)
+                results.append(r)
+                self.log(_row(r))
+        return results
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+HEADER = (
+    f"{'round':>5} {'mode':<4} {'calls':>6} {'ok':>6} {'fail':>5} {'wall s':>7} {'calls/s':>8} "
+    f"{'kam ms/call':>11} {'kam cores':>9} {'redis ms/call':>13} {'sipp ms/call':>12} "
+    f"{'busy':>5} {'cmds/INV':>8} {'reads/INV':>9}"
+)
+
+
+def _row(r: RoundResult) -> str:
+    inv = r.invites_scored or 1
+    top = sum(r.commands.get(c, 0) for c in CLIENT_COMMANDS) / inv
+    return (
+        f"{r.index:>5} {r.mode:<4} {r.calls:>6} {r.successful:>6} {r.failed:>5} {r.wall_s:>7.2f} "
+        f"{r.cps:>8.1f} {r.kamailio_cpu_ms_per_call:>11.3f} {r.kamailio_cpu_util:>9.2f} "
+        f"{r.redis_cpu_ms_per_call:>13.3f} {r.sipp_cpu_ms_per_call:>12.3f} "
+        f"{r.machine_busy:>5.0%} {top:>8.2f} {r.redis_reads / inv:>9.2f}"
+    )
+
+
+def summarise(results: Sequence[RoundResult], settings: Settings) -> dict[str, Any]:
+    def med(mode: str, attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in results if r.mode == mode))
+
+    summary: dict[str, Any] = {"settings": asdict(settings), "machine": machine()}
+    modes: dict[str, Any] = {}
+    for mode in ("off", "on"):
+        rs = [r for r in results if r.mode == mode]
+        invites = sum(r.invites_scored for r in rs)
+        commands: dict[str, int] = {}
+        for r in rs:
+            for k, v in r.commands.items():
+                commands[k] = commands.get(k, 0) + v
+        modes[mode] = {
+            "median_cps": med(mode, "cps"),
+            "median_kamailio_cpu_ms_per_call": med(mode, "kamailio_cpu_ms_per_call"),
+            "median_redis_cpu_ms_per_call": med(mode, "redis_cpu_ms_per_call"),
+            "invites_scored": invites,
+            "calls_completed": sum(r.successful for r in rs),
+            "calls_failed": sum(r.failed for r in rs),
+            "actions": _sum_dicts(r.actions for r in rs),
+            "commands_per_invite": {
+                k: round(v / invites, 3) for k, v in sorted(commands.items()) if invites
+            },
+            "redis_reads_per_invite": round(sum(r.redis_reads for r in rs) / invites, 3)
+            if invites else None,
+            "redis_writes_per_invite": round(sum(r.redis_writes for r in rs) / invites, 3)
+            if invites else None,
+        }  # fmt: skip
+    summary["modes"] = modes
+    off, on = modes["off"], modes["on"]
+    summary["ratio_cps"] = (
+        round(on["median_cps"] / off["median_cps"], 3) if off["median_cps"] else None
+    )
+    on_cpu = on["median_kamailio_cpu_ms_per_call"]
+    summary["ratio_cpu"] = (
+        round(off["median_kamailio_cpu_ms_per_call"] / on_cpu, 3) if on_cpu else None
+    )
+    cpi = on["commands_per_invite"]
+    # Each observe pipeline carries exactly one MGET, and nothing else on the request path
+    # sends MGET: MGETs per INVITE = awaited round trips per INVITE (plus rare config reloads).
+    summary["round_trips_per_invite"] = round(cpi.get("mget", 0.0) + cpi.get("hgetall", 0.0), 3)
+    summary["rounds"] = [asdict(r) for r in results]
+    return summary
+
+
+def _sum_dicts(dicts: Iterator[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def render(summary: dict[str, Any], results: Sequence[RoundResult]) -> str:
+    m = summary["machine"]
+    s = summary["settings"]
+    lines = [
+        f"machine: {m['nproc']} CPUs, {m['cpu']}, Linux {m['kernel']}",
+        f"settings: {s['calls']} calls/round, {s['rounds']} rounds per mode, target "
+        f"{s['rate']:g} calls/s, at most {s['concurrency']} calls in flight, "
+        f"{s['sources']} source IPs, {s['children']} Kamailio children",
+        "",
+        HEADER,
+        *(_row(r) for r in results),
+        "",
+        f"{'':<26}{'enabled=false':>16}{'enabled=true':>16}",
+    ]
+    off, on = summary["modes"]["off"], summary["modes"]["on"]
+    lines.append(f"{'median calls/s':<26}{off['median_cps']:>16.1f}{on['median_cps']:>16.1f}")
+    lines.append(f"{'median Kamailio CPU ms/call':<26}"
+                 f"{off['median_kamailio_cpu_ms_per_call']:>16.3f}"
+                 f"{on['median_kamailio_cpu_ms_per_call']:>16.3f}")
+    lines.append(f"{'median Redis CPU ms/call':<26}"
+                 f"{off['median_redis_cpu_ms_per_call']:>16.3f}"
+                 f"{on['median_redis_cpu_ms_per_call']:>16.3f}")
+    lines.append(f"{'decisions':<26}{_fmt_actions(off['actions']):>16}"
+                 f"{_fmt_actions(on['actions']):>16}")
+    lines.append("")
+    lines.append("Redis commands per INVITE (INFO commandstats delta / INVITEs scored)")
+    names = sorted(set(off["commands_per_invite"]) | set(on["commands_per_invite"]),
+                   key=lambda n: (n not in CLIENT_COMMANDS, n))
+    for name in names:
+        origin = "client" if name in CLIENT_COMMANDS else (
+            "in Lua" if name in SCRIPT_COMMANDS else "other")
+        lines.append(f"  {name:<12} {origin:<7}{off['commands_per_invite'].get(name, 0):>13.3f}"
+                     f"{on['commands_per_invite'].get(name, 0):>16.3f}")
+    lines.append(f"  {'socket reads by Redis':<20}{_fmt(off['redis_reads_per_invite']):>13}"
+                 f"{_fmt(on['redis_reads_per_invite']):>16}")
+    lines.append(f"  {'reply writes by Redis':<20}{_fmt(off['redis_writes_per_invite']):>13}"
+                 f"{_fmt(on['redis_writes_per_invite']):>16}")
+    lines.append(f"awaited round trips per INVITE (scoring on): "
+                 f"{summary['round_trips_per_invite']:.3f}")
+    lines.append("")
+    lines.append(f"ratio calls/s on/off: {_fmt(summary['ratio_cps'])}   "
+                 f"ratio Kamailio CPU per call off/on: {_fmt(summary['ratio_cpu'])}   "
+                 f"(goal >= 0.8)")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _fmt_actions(actions: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(actions.items())) or "-"
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/load.py",
+        description="Calls per second through the proxy, enabled=false vs enabled=true, "
+        "alternating rounds; Redis commands per INVITE.",
+    )
+    p.add_argument("--calls", type=_positive, default=2000, help="calls per round (2000)")
+    p.add_argument("--rounds", type=_positive, default=3, help="rounds per mode (3)")
+    p.add_argument("--rate", type=float, default=2000.0,
+                   help="target calls/s offered, summed over the UACs (2000)")
+    p.add_argument("--concurrency", type=_positive, default=200,
+                   help="calls in flight at most, summed over the UACs (200)")
+    p.add_argument("--sources", type=_positive, default=4, help="source IPs 127.0.2.N (4)")
+    p.add_argument("--children", type=_positive, default=4, help="Kamailio UDP children (4)")
+    p.add_argument("--warmup", type=int, default=100,
+                   help="unmeasured calls after each mode switch (100)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per round at most")
+    p.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary dir)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    args = p.parse_args(argv)
+    if args.rate <= 0:
+        p.error("--rate must be > 0")
+    if args.sources > 254:
+        p.error("--sources must be at most 254")
+    return args
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings(
+        calls=args.calls, rounds=args.rounds, rate=args.rate, concurrency=args.concurrency,
+        sources=args.sources, children=args.children, warmup=max(0, args.warmup),
+        timeout=args.timeout,
+    )  # fmt: skip
+    for tool in ("kamailio", "redis-server"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists() \
+                and not Path(f"/usr/bin/{tool}").exists():
+            print(f"bench: {tool} not found; run `make setup`", file=sys.stderr)
+            return 1
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    keep = args.workdir is not None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="spitwall-bench-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(settings, workdir, log)
+    started = time.monotonic()
+    try:
+        bench.up()
+        log(HEADER)
+        results = bench.run()
+    except KeyboardInterrupt:
+        print("bench: interrupted; stopping everything", file=sys.stderr)
+        return 130
+    except (LabError, RuntimeError, redis.RedisError, OSError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        for line in getattr(exc, "log_tail", []):
+            print(f"  | {line}", file=sys.stderr)
+        return 1
+    finally:
+        bench.close()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    summary = summarise(results, settings)
+    summary["duration_s"] = round(time.monotonic() - started, 1)
+    if args.json:
+        print(json.dumps(summary, indent=1, sort_keys=True))
+    else:
+        print()
+        print(render(summary, results))
+        print(f"(whole run {summary['duration_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
