@@ -16,10 +16,12 @@ from lists.matcher import ListHit, ListSnapshot
 from scoring.checks.base import Context
 from scoring.config import Config
 from scoring.engine import decide
-from scoring.model import CallAttempt, Decision, Signals
+from scoring.model import Action, CallAttempt, Decision, Signals
 from scoring.store import RedisUnavailable, Store
 
 log = logging.getLogger("spitwall.service")
+
+DISABLED_POLL = 1.0  # seconds between config-version polls while the kill switch is on
 
 
 class ScoringService:
@@ -32,9 +34,12 @@ class ScoringService:
         self.lists = ListSnapshot.empty()
         self.lists.version = -1
         self.counters: Counter[str] = Counter()
+        self._last_poll = 0.0
 
     def score(self, attempt: CallAttempt, now: float | None = None) -> Decision:
         t = time.time() if now is None else now
+        if not self.config["enabled"] and self.config.version >= 0:
+            return self._disabled(t)
         try:
             signals = self.store.observe(attempt, self.config, t)
         except RedisUnavailable as exc:
@@ -51,6 +56,20 @@ class ScoringService:
         except RedisUnavailable:
             self.counters["record_lost"] += 1
         return decision
+
+    def _disabled(self, now: float) -> Decision:
+        """Kill switch on: relay unscored, touch Redis only to poll the config version, at
+        most once per `DISABLED_POLL` seconds per child."""
+        self.counters["action:relay"] += 1
+        if now - self._last_poll >= DISABLED_POLL:
+            self._last_poll = now
+            try:
+                cfg_v, lists_v = self.store.versions()
+            except RedisUnavailable:
+                self.counters["redis_unavailable"] += 1
+            else:
+                self._refresh(Signals(config_version=cfg_v, lists_version=lists_v))
+        return Decision(Action.RELAY, 0.0, rule="disabled")
 
     def scanner_probe(self, source_ip: str, user_agent: str) -> ListHit | None:
         """For requests we do not score: is this a scanner? If so, remember the source."""

@@ -213,6 +213,14 @@ class Store:
     def count(self, field: str, n: int = 1) -> None:
         self._defer([["HINCRBY", keys.STATS, field, str(n)]])
 
+    def versions(self) -> tuple[int, int]:
+        """Config and lists versions (used while the kill switch is on)."""
+        (reply,) = self._roundtrip([["MGET", keys.CONFIG_VERSION, keys.LISTS_VERSION]])
+        if isinstance(reply, Exception):
+            raise RedisUnavailable(str(reply))
+        cfg_v, lists_v = reply
+        return int(cfg_v or 0), int(lists_v or 0)
+
     # -- config and lists (only when their version changed) ----------------------------
     def fetch_config(self) -> Config:
         replies = self._roundtrip([["HGETALL", keys.CONFIG], ["GET", keys.CONFIG_VERSION]])

@@ -194,3 +194,26 @@ def test_corrupt_list_entry_does_not_hide_valid_ones(service: ScoringService,
     ListStore(r).add("block", "ip", "192.0.2.10", user="test")
     d = service.score(attempt(), now=NOW)
     assert d.action is Action.REJECT
+
+
+def _evalsha_calls(r: redis.Redis) -> int:
+    stats = r.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_kill_switch_skips_redis_and_polls_for_reenable(service: ScoringService,
+                                                        r: redis.Redis) -> None:
+    service.score(attempt(), now=NOW)
+    config_admin.set_value(r, "enabled", "false", user="test")
+    service.score(attempt(), now=NOW + 0.1)  # learns the new version, relays unscored
+    assert service.config["enabled"] is False
+    before = _evalsha_calls(r)
+    for i in range(20):
+        d = service.score(attempt(user_agent="friendly-scanner"), now=NOW + 0.2 + i * 0.01)
+        assert d.action is Action.RELAY and d.rule == "disabled"
+    assert _evalsha_calls(r) == before, "a disabled proxy must not run the scoring script"
+    config_admin.set_value(r, "enabled", "true", user="test")
+    # within a second the next call polls the version and scores again
+    service.score(attempt(), now=NOW + 1.5)
+    d = service.score(attempt(user_agent="friendly-scanner"), now=NOW + 1.6)
+    assert d.action is Action.REJECT
