@@ -178,3 +178,20 @@ def test_fail_open_when_redis_is_down_and_recovery(lab_factory: Any, redis_serve
         found = [find_decision(client, cid) for cid in res.outcomes]
         assert any(d is not None and not d["degraded"] for d in found), found
         assert children_of(r.kamailio_pid) == workers
+
+
+def test_cancel_follows_the_invite_transaction(lab_factory: Any, tmp_path: Any) -> None:
+    import subprocess
+
+    from ops.sipp import SIPP_DIR, free_udp_port, sipp_binary
+
+    with rig(lab_factory) as r:
+        cmd = [sipp_binary(), f"{r.host}:{r.port}", "-sf", str(SIPP_DIR / "uac_cancel.xml"),
+               "-i", "127.0.10.1", "-p", str(free_udp_port("127.0.10.1")), "-m", "2",
+               "-r", "2", "-nostdin", "-timeout", "20", "-timeout_error",
+               "-mp", str(free_udp_port("127.0.10.1", also_plus=(2,)))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                              check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:]
+        cancels = [m for m in r.next_hop.messages() if m.method == "CANCEL"]
+        assert len({m.call_id for m in cancels}) == 2
