@@ -90,6 +90,9 @@ OWN_READS = 2
 OWN_WRITES = 2
 
 USER_AGENT = "spitwall-bench/1"
+RCVBUF = 4 * 1024 * 1024  # the kernel caps it at net.core.rmem_max anyway
+PREFILL = 5000  # members per HyperLogLog: far past the sparse -> dense conversion
+MODE_SWITCH_WAIT = 1.2  # > the kill switch's config poll interval (1 s per child)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -112,15 +115,18 @@ class RoundResult:
     kamailio_cpu_util: float  # Kamailio CPU seconds per wall second (2.0 = two full cores)
     sipp_cpu_ms_per_call: float  # the UACs and the UAS together
     machine_busy: float  # fraction of all CPUs busy during the round (every process)
-    invites_scored: int
+    invites: int  # INVITEs the UACs sent (one per call; retransmissions are absorbed by tm)
+    invites_scored: int  # decisions the store recorded (0 with enabled=false: nothing recorded)
     actions: dict[str, int]
     commands: dict[str, int]  # commandstats deltas (our own INFO excluded)
     redis_reads: int  # socket reads Redis did (total_reads_processed delta, own INFO excluded)
     redis_writes: int  # reply writes (total_writes_processed delta, own INFO excluded)
+    retransmissions: int  # SIP retransmissions the UACs sent (sipp Retransmissions(C))
+    call_length_ms: float  # mean INVITE-to-BYE-200 time per call (sipp CallLength(C))
     sipp_rc: list[int | None] = field(default_factory=list)
 
     def per_invite(self, name: str) -> float:
-        return self.commands.get(name, 0) / self.invites_scored if self.invites_scored else 0.0
+        return self.commands.get(name, 0) / self.invites if self.invites else 0.0
 
 
 @dataclass
@@ -133,6 +139,9 @@ class Settings:
     children: int
     warmup: int
     timeout: float
+    shm_mb: int
+    rcvbuf: int
+    retrans: bool
 
 
 # ------------------------------------------------------------------------------------ /proc
@@ -221,6 +230,24 @@ def neutralise_scores(client: redis.Redis) -> None:
     config_admin.set_value(client, "sweep.sequential_min", "100", user="bench")
 
 
+def prefill_sources(client: redis.Redis, sources: Sequence[str], members: int = PREFILL) -> None:
+    """Put every source IP in the steady state of a busy source before the first round: the
+    distinct-caller and distinct-callee HyperLogLogs of the current *and* the previous window
+    exist and are dense. Otherwise the first rounds run on small, sparse sketches and a missing
+    previous window (observe.lua's two-key PFCOUNT is much cheaper then), and Redis' cost per
+    INVITE drifts upwards during the run, or jumps when a window boundary passes."""
+    dw = int(config_admin.show(client)[0]["distinct.window"])
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    for src in sources:
+        hlls = keys.source_keys(keys.tag("ip", src), dw, now)[:4]
+        for key in hlls:
+            for start in range(0, members, 1000):
+                pipe.pfadd(key, *(f"prefill-{start + i}" for i in range(1000)))
+            pipe.expire(key, 2 * dw)
+    pipe.execute()
+
+
 # ------------------------------------------------------------------------------------ sipp
 
 
@@ -239,6 +266,8 @@ class UacFleet:
         rate: float,
         concurrency: int,
         timeout: float,
+        rcvbuf: int = 0,
+        no_retrans: bool = False,
     ) -> list[Path]:
         """Start one sipp per source with its share of calls/rate/concurrency; return the
         paths of their statistics files."""
@@ -275,6 +304,10 @@ class UacFleet:
                 "-trace_stat", "-stf", str(stat),
                 "-trace_err", "-error_file", str(wd / "errors.log"),
             ]  # fmt: skip
+            if rcvbuf:
+                cmd += ["-buff_size", str(rcvbuf)]
+            if no_retrans:
+                cmd.append("-nr")
             with (wd / "out.txt").open("wb") as out:
                 proc = subprocess.Popen(
                     cmd, cwd=wd, stdin=subprocess.DEVNULL, stdout=out,
@@ -330,7 +363,45 @@ def _stat_int(stats: dict[str, str], column: str) -> int:
     return int(value) if value.isdigit() else 0
 
 
+def _stat_ms(stats: dict[str, str], column: str) -> float:
+    """A sipp duration column, ``HH:MM:SS:uuuuuu``, in milliseconds (0.0 if absent)."""
+    parts = stats.get(column, "").split(":")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        return 0.0
+    h, m, sec, usec = (int(p) for p in parts)
+    return (h * 3600 + m * 60 + sec) * 1000 + usec / 1000
+
+
 # ------------------------------------------------------------------------------------ bench
+
+
+class BenchLab(Lab):
+    """The project's lab with two start-time sizes raised for a saturation test (both are
+    command-line options of Kamailio; ``kamailio.cfg`` and the lab leave them at the defaults):
+
+    * shared memory (``-m``, default 64 MB): every transaction stays in shared memory for tm's
+      wait timer (5 s) after it completes, so at ~1,500 calls/s (an INVITE and a BYE
+      transaction per call) the default pool runs out ("could not allocate shared memory from
+      shm pool", 500 replies) and throughput collapses into SIP timeouts;
+    * the UDP receive buffer (``-b``, Kamailio probes up to 512 KB by default): the closed-loop
+      load keeps hundreds of calls in flight, and when the children are slower than the
+      arrivals the backlog must queue in the socket instead of being dropped and retransmitted
+      500 ms later (which measures SIP timers, not the proxy).
+    """
+
+    def __init__(self, workdir: Path, shm_mb: int, rcvbuf: int) -> None:
+        super().__init__(workdir)
+        self.shm_mb = shm_mb
+        self.rcvbuf = rcvbuf
+
+    def kamailio_argv(self, state: LabState) -> list[str]:
+        argv = super().kamailio_argv(state)
+        if self.shm_mb:
+            argv += ["-m", str(self.shm_mb)]
+        if self.rcvbuf:
+            argv += ["-b", str(self.rcvbuf)]
+        return argv
+
 
 
 class Bench:
@@ -340,7 +411,7 @@ class Bench:
         self.s = settings
         self.workdir = workdir
         self.log = log
-        self.lab = Lab(workdir / "lab")
+        self.lab = BenchLab(workdir / "lab", settings.shm_mb, settings.rcvbuf)
         self.lab_state: LabState | None = None
         self.uas: UasProcess | None = None
         self.fleet: UacFleet | None = None
@@ -351,7 +422,12 @@ class Bench:
 
     # -- lifecycle ----------------------------------------------------------------------
     def up(self) -> None:
-        self.uas = start_uas("127.0.0.1", trace_msg=False, workdir=self.workdir / "uas")
+        extra = ["-buff_size", str(self.s.rcvbuf)] if self.s.rcvbuf else []
+        if not self.s.retrans:
+            extra.append("-nr")
+        self.uas = start_uas(
+            "127.0.0.1", trace_msg=False, workdir=self.workdir / "uas", extra_args=extra
+        )
         self.log(f"next hop: sipp UAS pid {self.uas.pid} on {self.uas.address}")
         self.lab_state = self.lab.up(next_hop=self.uas.uri, children=self.s.children)
         st = self.lab_state
@@ -362,6 +438,7 @@ class Bench:
         self.redis_pid = st.pids["redis"]
         self.client = redis.Redis.from_url(st.redis_url, socket_timeout=10)
         neutralise_scores(self.client)
+        prefill_sources(self.client, self.sources)
 
     def close(self) -> None:
         if self.fleet is not None:
@@ -396,6 +473,7 @@ class Bench:
             stat_files = fleet.start(
                 self.workdir / tag, (self.lab_state.sip_addr, self.lab_state.sip_port),
                 self.sources, calls, self.s.rate, self.s.concurrency, self.s.timeout,
+                self.s.rcvbuf, not self.s.retrans,
             )  # fmt: skip
             codes = fleet.wait(self.s.timeout + 10)
             wall = time.monotonic() - start
@@ -407,8 +485,11 @@ class Bench:
     def measure_round(self, index: int, mode: str) -> RoundResult:
         assert self.client is not None and self.redis_pid is not None
         self.set_mode(mode)
-        # Warm-up: every child sees the new config version on its next INVITE and reloads it
-        # (one extra round trip); do that outside the measurement.
+        # A child learns about a new config version from its next INVITE's reply, or, while
+        # the kill switch is on, from a version poll at most once a second on its next INVITE
+        # (scoring/service.py). Wait past that second, then warm up with unmeasured calls so
+        # that every child reloads the config (one extra round trip) outside the measurement.
+        time.sleep(MODE_SWITCH_WAIT)
         if self.s.warmup:
             self.run_calls(f"r{index}-warmup", self.s.warmup)
         time.sleep(0.3)
@@ -431,8 +512,9 @@ class Bench:
         for name, own in OWN_COMMANDS.items():
             commands[name] = commands.get(name, 0) - own
         commands = {k: v for k, v in commands.items() if v}
-        invites = sum(actions.values())
         done = max(ok, 1)
+        length = sum(_stat_ms(st, "CallLength(C)") * _stat_int(st, "SuccessfulCall(C)")
+                     for st in stats) / done
         return RoundResult(
             index=index, mode=mode, calls=self.s.calls, successful=ok, failed=failed,
             wall_s=round(wall, 3), cps=round(ok / wall, 1) if wall > 0 else 0.0,
@@ -441,9 +523,11 @@ class Bench:
             kamailio_cpu_util=round((kam1 - kam0) / wall, 2) if wall > 0 else 0.0,
             sipp_cpu_ms_per_call=round(1000 * (sipp1 - sipp0) / done, 3),
             machine_busy=round((busy1 - busy0) / max(total1 - total0, 1), 3),
-            invites_scored=invites, actions=actions, commands=commands,
+            invites=ok + failed, invites_scored=sum(actions.values()), actions=actions,
+            commands=commands,
             redis_reads=reads1 - reads0 - OWN_READS, redis_writes=writes1 - writes0 - OWN_WRITES,
-            sipp_rc=codes,
+            retransmissions=sum(_stat_int(st, "Retransmissions(C)") for st in stats),
+            call_length_ms=round(length, 1), sipp_rc=codes,
         )  # fmt: skip
 
     def run(self) -> list[RoundResult]:
@@ -466,20 +550,21 @@ class Bench:
 
 
 HEADER = (
-    f"{'round':>5} {'mode':<4} {'calls':>6} {'ok':>6} {'fail':>5} {'wall s':>7} {'calls/s':>8} "
-    f"{'kam ms/call':>11} {'kam cores':>9} {'redis ms/call':>13} {'sipp ms/call':>12} "
-    f"{'busy':>5} {'cmds/INV':>8} {'reads/INV':>9}"
+    f"{'round':>5} {'mode':<4} {'calls':>6} {'fail':>4} {'retr':>4} {'wall s':>6} "
+    f"{'calls/s':>7} {'call ms':>7} {'kam ms/call':>11} {'kam cores':>9} {'redis ms/call':>13} "
+    f"{'sipp ms/call':>12} {'busy':>4} {'cmds/INV':>8} {'reads/INV':>9}"
 )
 
 
 def _row(r: RoundResult) -> str:
-    inv = r.invites_scored or 1
+    inv = r.invites or 1
     top = sum(r.commands.get(c, 0) for c in CLIENT_COMMANDS) / inv
     return (
-        f"{r.index:>5} {r.mode:<4} {r.calls:>6} {r.successful:>6} {r.failed:>5} {r.wall_s:>7.2f} "
-        f"{r.cps:>8.1f} {r.kamailio_cpu_ms_per_call:>11.3f} {r.kamailio_cpu_util:>9.2f} "
+        f"{r.index:>5} {r.mode:<4} {r.calls:>6} {r.failed:>4} {r.retransmissions:>4} "
+        f"{r.wall_s:>6.2f} {r.cps:>7.0f} {r.call_length_ms:>7.0f} "
+        f"{r.kamailio_cpu_ms_per_call:>11.3f} {r.kamailio_cpu_util:>9.2f} "
         f"{r.redis_cpu_ms_per_call:>13.3f} {r.sipp_cpu_ms_per_call:>12.3f} "
-        f"{r.machine_busy:>5.0%} {top:>8.2f} {r.redis_reads / inv:>9.2f}"
+        f"{r.machine_busy:>4.0%} {top:>8.2f} {r.redis_reads / inv:>9.2f}"
     )
 
 
@@ -491,7 +576,7 @@ def summarise(results: Sequence[RoundResult], settings: Settings) -> dict[str, A
     modes: dict[str, Any] = {}
     for mode in ("off", "on"):
         rs = [r for r in results if r.mode == mode]
-        invites = sum(r.invites_scored for r in rs)
+        invites = sum(r.invites for r in rs)
         commands: dict[str, int] = {}
         for r in rs:
             for k, v in r.commands.items():
@@ -500,7 +585,8 @@ def summarise(results: Sequence[RoundResult], settings: Settings) -> dict[str, A
             "median_cps": med(mode, "cps"),
             "median_kamailio_cpu_ms_per_call": med(mode, "kamailio_cpu_ms_per_call"),
             "median_redis_cpu_ms_per_call": med(mode, "redis_cpu_ms_per_call"),
-            "invites_scored": invites,
+            "invites": invites,
+            "invites_scored": sum(r.invites_scored for r in rs),
             "calls_completed": sum(r.successful for r in rs),
             "calls_failed": sum(r.failed for r in rs),
             "actions": _sum_dicts(r.actions for r in rs),
@@ -525,8 +611,33 @@ def summarise(results: Sequence[RoundResult], settings: Settings) -> dict[str, A
     # Each observe pipeline carries exactly one MGET, and nothing else on the request path
     # sends MGET: MGETs per INVITE = awaited round trips per INVITE (plus rare config reloads).
     summary["round_trips_per_invite"] = round(cpi.get("mget", 0.0) + cpi.get("hgetall", 0.0), 3)
+    summary["notes"] = notes(results)
     summary["rounds"] = [asdict(r) for r in results]
     return summary
+
+
+SATURATED = 0.85  # machine busy fraction below which a round was not CPU-bound
+
+
+def notes(results: Sequence[RoundResult]) -> list[str]:
+    """Things that make a round's numbers suspect, in words."""
+    out: list[str] = []
+    for r in results:
+        where = f"round {r.index} ({r.mode})"
+        if r.failed:
+            out.append(f"{where}: {r.failed} calls failed (keep the logs with --workdir)")
+        if r.retransmissions:
+            out.append(f"{where}: {r.retransmissions} SIP retransmissions")
+        if r.mode == "on" and r.invites_scored != r.invites:
+            out.append(f"{where}: {r.invites_scored} of {r.invites} INVITEs were scored")
+        if r.mode == "on" and set(r.actions) - {"relay"}:
+            out.append(f"{where}: not every call was relayed: {_fmt_actions(r.actions)}")
+        if r.mode == "off" and r.invites_scored:
+            out.append(f"{where}: {r.invites_scored} decisions recorded with enabled=false")
+        if r.machine_busy < SATURATED:
+            out.append(f"{where}: CPUs only {r.machine_busy:.0%} busy: calls/s was limited by "
+                       "the offered load (raise --concurrency), not by the machine")
+    return out
 
 
 def _sum_dicts(dicts: Iterator[dict[str, int]]) -> dict[str, int]:
@@ -588,6 +699,7 @@ def render(summary: dict[str, Any], results: Sequence[RoundResult]) -> str:
     lines.append(f"awaited round trips per INVITE (scoring on): "
                  f"{summary['round_trips_per_invite']:.3f}")
     lines.append("")
+    lines.extend(f"note: {n}" for n in summary["notes"])
     lines.append(f"ratio calls/s on/off: {_fmt(summary['ratio_cps'])}   "
                  f"ratio Kamailio CPU per call off/on: {_fmt(summary['ratio_cpu'])}   "
                  f"(goal >= 0.8)")
@@ -618,16 +730,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Calls per second through the proxy, enabled=false vs enabled=true, "
         "alternating rounds; Redis commands per INVITE.",
     )
-    p.add_argument("--calls", type=_positive, default=2000, help="calls per round (2000)")
+    p.add_argument("--calls", type=_positive, default=20000, help="calls per round (20000)")
     p.add_argument("--rounds", type=_positive, default=3, help="rounds per mode (3)")
-    p.add_argument("--rate", type=float, default=2000.0,
-                   help="target calls/s offered, summed over the UACs (2000)")
-    p.add_argument("--concurrency", type=_positive, default=200,
-                   help="calls in flight at most, summed over the UACs (200)")
+    p.add_argument("--rate", type=float, default=8000.0,
+                   help="target calls/s offered, summed over the UACs (8000)")
+    p.add_argument("--concurrency", type=_positive, default=1200,
+                   help="calls in flight at most, summed over the UACs (1200)")
     p.add_argument("--sources", type=_positive, default=4, help="source IPs 127.0.2.N (4)")
     p.add_argument("--children", type=_positive, default=4, help="Kamailio UDP children (4)")
     p.add_argument("--warmup", type=int, default=100,
                    help="unmeasured calls after each mode switch (100)")
+    p.add_argument("--shm", type=int, default=1024,
+                   help="Kamailio shared memory, MB (-m); 0 = Kamailio's default, 64 (1024)")
+    p.add_argument("--rcvbuf", type=int, default=RCVBUF,
+                   help=f"Kamailio's and SIPp's UDP buffer limit, bytes (-b, -buff_size); "
+                   f"0 = their defaults ({RCVBUF})")
+    p.add_argument("--retrans", action="store_true",
+                   help="let SIPp retransmit (UDP timers, T1 = 500 ms); by default -nr: the "
+                   "buffers are large enough that loopback loses nothing, and the closed loop "
+                   "queues calls for longer than T1 when scoring is on")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per round at most")
     p.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary dir)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -648,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(
         calls=args.calls, rounds=args.rounds, rate=args.rate, concurrency=args.concurrency,
         sources=args.sources, children=args.children, warmup=max(0, args.warmup),
-        timeout=args.timeout,
+        timeout=args.timeout, shm_mb=args.shm, rcvbuf=args.rcvbuf, retrans=args.retrans,
     )  # fmt: skip
     for tool in ("kamailio", "redis-server"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists() \

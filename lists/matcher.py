@@ -137,12 +137,16 @@ SEED_SCANNERS: tuple[str, ...] = _load_seed()
 class ListSnapshot:
     """The allow, block and scanner lists of one lists version, ready to match."""
 
-    __slots__ = ("allow", "block", "scanner", "version")
+    __slots__ = ("allow", "block", "dno", "scanner", "trusted", "version")
 
     def __init__(self, entries: dict[str, list[ListEntry]], version: int = 0) -> None:
         self.version = version
         self.allow = ListMatcher(entries.get("allow", ()))
         self.block = ListMatcher(entries.get("block", ()))
+        # do-not-originate numbers: numbers that never place calls (caller-ID check)
+        self.dno = ListMatcher(entries.get("dno", ()))
+        # peers trusted to send Alert-Info / ring-tone Call-Info (ring hijack check)
+        self.trusted = ListMatcher(entries.get("trusted", ()))
         seed = [ListEntry("ua", p, "shipped scanner seed list") for p in SEED_SCANNERS]
         self.scanner = ListMatcher(seed + [e for e in entries.get("scanner", ()) if e.kind == "ua"])
 

@@ -45,6 +45,7 @@ class Param:
     lo: float | None = None
     hi: float | None = None
     choices: tuple[str, ...] = ()
+    validator: Callable[[str], Any] | None = None
 
     def parse(self, text: str) -> Any:
         if not isinstance(text, str):
@@ -65,6 +66,8 @@ class Param:
                 value = text.strip().lower()
                 if value not in self.choices:
                     raise ValueError(f"expected one of {', '.join(self.choices)}")
+            elif self.validator is not None:
+                value = self.validator(text)
             else:
                 value = text
         except ValueError as exc:
@@ -76,7 +79,8 @@ class Param:
         return value
 
 
-CHECKS = ("rate_ip", "rate_caller", "rate_callee", "distinct_callers", "sweep", "scanner")
+CHECKS = ("rate_ip", "rate_caller", "rate_callee", "distinct_callers", "sweep", "scanner",
+          "reputation", "callerid", "stir", "geoip", "ring_hijack")
 
 _DEFAULT_WEIGHTS = {
     "rate_ip": 0.35,
@@ -85,7 +89,66 @@ _DEFAULT_WEIGHTS = {
     "distinct_callers": 0.5,
     "sweep": 0.5,
     "scanner": 1.0,
+    "reputation": 0.6,
+    "callerid": 0.4,
+    "stir": 0.4,
+    "geoip": 0.3,
+    "ring_hijack": 0.2,
 }
+
+
+def _abs_path(text: str) -> str:
+    t = text.strip()
+    if t and not t.startswith("/"):
+        raise ValueError("expected an absolute path (or empty to switch it off)")
+    return t
+
+
+def _region(text: str) -> str:
+    t = text.strip().upper()
+    if not re.fullmatch(r"[A-Z]{2}", t):
+        raise ValueError("expected an ISO 3166-1 alpha-2 region code such as US or DE")
+    return t
+
+
+def parse_country_scores(text: str) -> dict[str, float]:
+    """'KP:1,XX:0.5' -> {'KP': 1.0, 'XX': 0.5}; scores in [0, 1]."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        code, sep, num = part.partition(":")
+        code = code.strip().upper()
+        if not sep or not re.fullmatch(r"[A-Z]{2}", code):
+            raise ValueError(f"expected CC:SCORE pairs, got {part!r}")
+        score = float(num)
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"score for {code} must be within [0, 1]")
+        out[code] = score
+    return out
+
+
+def _country_scores(text: str) -> str:
+    parse_country_scores(text)
+    return ",".join(p.strip().upper() for p in text.split(",") if p.strip())
+
+
+def parse_hosts(text: str) -> tuple[str, ...]:
+    """Comma-separated host names (lower-cased)."""
+    hosts = tuple(h.strip().lower() for h in text.split(",") if h.strip())
+    for h in hosts:
+        if not re.fullmatch(r"[a-z0-9.\-]{1,253}(:[0-9]{1,5})?", h):
+            raise ValueError(f"not a host name: {h!r}")
+    return hosts
+
+
+def _hosts(text: str) -> str:
+    return ",".join(parse_hosts(text))
+
+
+def _http_url(text: str) -> str:
+    t = text.strip()
+    if t and (not re.fullmatch(r"https?://[^\s<>\"]{1,500}", t)):
+        raise ValueError("expected an http(s) URL without spaces, quotes or <>")
+    return t
 
 
 def _params() -> dict[str, Param]:
@@ -110,6 +173,37 @@ def _params() -> dict[str, Param]:
         Param("scanner.non_invite", "choice", "drop",
               "what to do with non-INVITE requests from scanner User-Agents",
               choices=("drop", "reject", "ignore")),
+        Param("reject.call_info_url", "str", "",
+              "608 only: URL of the operator's jCard for the Call-Info header (RFC 8688)",
+              validator=_http_url),
+        Param("reputation.half_life", "float", 3 * 86400.0,
+              "seconds for a reputation to decay to half", 60.0, 365 * 86400.0),
+        Param("reputation.short_call", "float", 6.0,
+              "answered calls shorter than this (s) count as a spam signal", 0.0, 600.0),
+        Param("reputation.long_call", "float", 60.0,
+              "answered calls longer than this (s) count as a good signal", 1.0, 86400.0),
+        Param("reputation.report_uri_user", "str", "spam-report",
+              "user part of the URI that in-call reports (SIP MESSAGE) are sent to"),
+        Param("reputation.feature_code", "str", "*66",
+              "dialled code that reports the last caller as spam ('' disables)"),
+        Param("callerid.region", "str", "US", "numbering plan region for national numbers",
+              validator=_region),
+        Param("callerid.neighbour_digits", "int", 6,
+              "leading digits a caller must share with the callee to count as neighbour spoofing",
+              3, 12),
+        Param("stir.trust_dir", "str", "", "directory of trusted STI CA certificates (PEM)",
+              validator=_abs_path),
+        Param("stir.max_age", "int", 60, "PASSporT iat freshness, seconds", 5, 3600),
+        Param("stir.absent_score", "float", 0.25, "score of a call without Identity header",
+              0.0, 1.0),
+        Param("stir.x5u_hosts", "str", "", "hosts certificates may be fetched from (x5u)",
+              validator=_hosts),
+        Param("geoip.database", "str", "", "MaxMind-format country database ('' = off)",
+              validator=_abs_path),
+        Param("geoip.country_scores", "str", "", "per-country scores, e.g. 'KP:1,XX:0.5'",
+              validator=_country_scores),
+        Param("ring_hijack.strip", "bool", True,
+              "remove caller-supplied Alert-Info and ring-tone Call-Info from untrusted calls"),
     ]
     for check in CHECKS:
         p.append(Param(f"weight.{check}", "float", _DEFAULT_WEIGHTS[check],

@@ -46,6 +46,9 @@ class CallAttempt:
     has_identity: bool = False
     has_alert_info: bool = False
     has_sdp: bool = False
+    identity: str = ""  # raw Identity header (RFC 8224), bounded to 4 KB
+    alert_info: str = ""  # raw Alert-Info header(s), bounded
+    call_info: str = ""  # raw Call-Info header(s), bounded
 
     @property
     def caller_key(self) -> str:
@@ -73,6 +76,8 @@ class Signals:
     distinct_callees: int = 0
     recent_callees: tuple[str, ...] = ()
     scanner_hits: int = 0
+    reputation_caller: float = 0.0  # decayed spam reputation in [0, 1] (0 = clean/unknown)
+    reputation_ip: float = 0.0
     config_version: int = 0
     lists_version: int = 0
     available: bool = True

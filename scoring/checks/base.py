@@ -18,6 +18,8 @@ class Context:
     signals: Signals
     config: Config
     lists: ListSnapshot
+    country: str = ""  # ISO code of the source IP (GeoIP), "" when unknown or GeoIP is off
+    now: float = 0.0  # wall-clock time of the INVITE (seconds)
 
 
 class Check(Protocol):

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 
+from lists.model import LIST_NAMES
 from lists.store import EXPORT_VERSION, ListStore, load_lists
 from scoring import keys
 
@@ -160,7 +161,7 @@ def test_export_import_round_trip(ls: ListStore, r: redis.Redis, tmp_path: Path)
     assert ls.export(path) == 7
     doc = json.loads(path.read_text())
     assert doc["version"] == EXPORT_VERSION
-    assert set(doc["lists"]) == {"allow", "block", "scanner"}
+    assert set(doc["lists"]) == set(LIST_NAMES)
 
     r.flushall()
     assert ls.import_file(path, user="dave") == 7
