@@ -2,30 +2,38 @@
 """Phase-1 load benchmark: calls per second through the proxy, scoring off vs on, side by side.
 
 One run starts its own lab (redis-server + Kamailio with ``kamailio.cfg``, on loopback and free
-ports), a SIPp UAS as the next hop (``tests/sipp/uas.xml``) and, per round, one SIPp UAC
-(``tests/sipp/uac.xml``) per source address (127.0.2.1, 127.0.2.2, ...). Rounds alternate between
-``enabled=false`` (the kill switch) and ``enabled=true`` (full scoring) in the order
-off/on, on/off, off/on, ... so that slow drift of the machine hits both modes alike.
+ports), a SIPp UAS as the next hop (``tests/sipp/uas.xml``: 180, 200 ms of ringing, 200, ACK,
+BYE) and, per round, one SIPp UAC (``tests/sipp/uac.xml``) per source address (127.0.2.1,
+127.0.2.2, ...). Rounds alternate between ``enabled=false`` (the kill switch) and
+``enabled=true`` (full scoring) in the order off/on, on/off, off/on, ... so that slow drift of
+the machine hits both modes alike.
 
 Per round it measures:
 
 * completed calls per second: calls SIPp completed / wall time of the round. The UACs run closed
-  loop (``-l``: at most ``--concurrency`` calls in flight, new calls start as old ones end) with a
-  target rate (``--rate``) above what the proxy sustains, so the proxy is the bottleneck and the
-  number is its capacity on this machine (with the SIPp processes sharing the CPUs);
+  loop (``-l``: at most ``--concurrency`` calls in flight, a new call as soon as one ends) with a
+  target rate (``--rate``) far above what the proxy sustains, so the CPUs, not the offered load,
+  are the limit (the ``busy`` column shows it; the SIPp processes share the same CPUs);
 * CPU time per call of every Kamailio process (the main pid and its children, from
-  /proc/<pid>/stat) and of redis-server: on a noisy, shared machine this is the more robust
-  capacity measure;
-* Redis work per INVITE: deltas of ``INFO commandstats`` (per command, client-issued and inside
-  the Lua scripts) and of ``INFO stats`` (socket reads, reply writes) divided by the INVITEs the
-  store saw (the ``action:*`` decision counters, which every INVITE increments).
+  /proc/<pid>/stat), of redis-server and of the SIPp processes: on a noisy, shared machine the
+  Kamailio CPU time per call is the more robust capacity measure;
+* Redis work per INVITE: deltas of ``INFO commandstats`` (per command, the ones the store sends
+  and the ones the Lua scripts run) and of ``INFO stats`` (socket reads, reply writes) divided
+  by the INVITEs sent (one per call).
 
-The benchmark traffic must take the full scoring path yet be relayed, not rejected: it raises
-every ramp (``*.soft``/``*.hard``) far out of reach with ``config set`` once, before the rounds,
-so every check still runs against Redis and scores 0. Nothing is allow-listed.
+Setup, once, before the rounds (all through the normal interfaces):
+
+* every ramp (``*.soft``/``*.hard``) is raised out of reach with ``config set``, so the benchmark
+  traffic takes the full scoring path (every check runs against Redis) and is relayed with
+  score 0. Nothing is allow-listed;
+* the distinct-caller/-callee HyperLogLogs of each source IP are pre-filled (current and
+  previous window), the steady state of a busy source (see ``prefill_sources``);
+* Kamailio gets a larger shared memory pool and UDP receive buffer, SIPp larger buffers and no
+  UDP retransmissions (see ``BenchLab`` and ``--retrans``): with 1,000 calls in flight the
+  defaults measure packet loss and SIP timers, not the proxy.
 
 Run it as ``.venv/bin/python bench/load.py`` (``make bench``); ``--json`` prints a summary as
-JSON. Every process it starts is stopped by its pid, also on Ctrl-C or an error.
+JSON. Every process it starts is stopped by its pid, also on Ctrl-C, SIGTERM or an error.
 """
 
 from __future__ import annotations
@@ -403,7 +411,6 @@ class BenchLab(Lab):
         return argv
 
 
-
 class Bench:
     """Owns every process of one benchmark run; ``close`` stops them all by pid."""
 
@@ -431,8 +438,10 @@ class Bench:
         self.log(f"next hop: sipp UAS pid {self.uas.pid} on {self.uas.address}")
         self.lab_state = self.lab.up(next_hop=self.uas.uri, children=self.s.children)
         st = self.lab_state
-        self.log(f"lab: kamailio pid {st.pids['kamailio']} on {st.sip_addr}:{st.sip_port}, "
-                 f"{st.children} children; redis-server pid {st.pids['redis']} {st.redis_url}")
+        self.log(
+            f"lab: kamailio pid {st.pids['kamailio']} on {st.sip_addr}:{st.sip_port}, "
+            f"{st.children} children; redis-server pid {st.pids['redis']} {st.redis_url}"
+        )
         main_pid = st.pids["kamailio"]
         self.kamailio_pids = [main_pid, *_children_of(main_pid)]
         self.redis_pid = st.pids["redis"]
@@ -458,8 +467,9 @@ class Bench:
     # -- rounds -------------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
         assert self.client is not None
-        config_admin.set_value(self.client, "enabled", "true" if mode == "on" else "false",
-                               user="bench")
+        config_admin.set_value(
+            self.client, "enabled", "true" if mode == "on" else "false", user="bench"
+        )
 
     def run_calls(
         self, tag: str, calls: int
@@ -513,8 +523,10 @@ class Bench:
             commands[name] = commands.get(name, 0) - own
         commands = {k: v for k, v in commands.items() if v}
         done = max(ok, 1)
-        length = sum(_stat_ms(st, "CallLength(C)") * _stat_int(st, "SuccessfulCall(C)")
-                     for st in stats) / done
+        length = (
+            sum(_stat_ms(st, "CallLength(C)") * _stat_int(st, "SuccessfulCall(C)") for st in stats)
+            / done
+        )
         return RoundResult(
             index=index, mode=mode, calls=self.s.calls, successful=ok, failed=failed,
             wall_s=round(wall, 3), cps=round(ok / wall, 1) if wall > 0 else 0.0,
@@ -572,7 +584,11 @@ def summarise(results: Sequence[RoundResult], settings: Settings) -> dict[str, A
     def med(mode: str, attr: str) -> float:
         return float(statistics.median(getattr(r, attr) for r in results if r.mode == mode))
 
-    summary: dict[str, Any] = {"settings": asdict(settings), "machine": machine()}
+    summary: dict[str, Any] = {
+        "settings": asdict(settings),
+        "machine": machine(),
+        "code": code_version(),
+    }
     modes: dict[str, Any] = {}
     for mode in ("off", "on"):
         rs = [r for r in results if r.mode == mode]
@@ -635,8 +651,10 @@ def notes(results: Sequence[RoundResult]) -> list[str]:
         if r.mode == "off" and r.invites_scored:
             out.append(f"{where}: {r.invites_scored} decisions recorded with enabled=false")
         if r.machine_busy < SATURATED:
-            out.append(f"{where}: CPUs only {r.machine_busy:.0%} busy: calls/s was limited by "
-                       "the offered load (raise --concurrency), not by the machine")
+            out.append(
+                f"{where}: CPUs only {r.machine_busy:.0%} busy: calls/s was limited by "
+                "the offered load (raise --concurrency), not by the machine"
+            )
     return out
 
 
@@ -648,6 +666,33 @@ def _sum_dicts(dicts: Iterator[dict[str, int]]) -> dict[str, int]:
     return out
 
 
+def code_version() -> dict[str, Any]:
+    """The commit the measured code comes from, and the files that differ from it."""
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(REPO_ROOT), *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return out.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return {"root": str(REPO_ROOT), "commit": None, "dirty": []}
+    dirty = git("status", "--porcelain", "--", "kemi", "scoring", "lists", "ops", "kamailio.cfg")
+    return {
+        "root": str(REPO_ROOT),
+        "commit": commit,
+        "dirty": [line[3:] for line in dirty.splitlines()],
+    }
+
+
 def machine() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError):
@@ -655,15 +700,24 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
-            "python": platform.python_version()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def render(summary: dict[str, Any], results: Sequence[RoundResult]) -> str:
     m = summary["machine"]
     s = summary["settings"]
+    code = summary["code"]
+    version = f"commit {code['commit']}" if code["commit"] else "not a git checkout"
+    if code["dirty"]:
+        version += f", with uncommitted changes to {', '.join(code['dirty'])}"
     lines = [
         f"machine: {m['nproc']} CPUs, {m['cpu']}, Linux {m['kernel']}",
+        f"code: {code['root']} ({version})",
         f"settings: {s['calls']} calls/round, {s['rounds']} rounds per mode, target "
         f"{s['rate']:g} calls/s, at most {s['concurrency']} calls in flight, "
         f"{s['sources']} source IPs, {s['children']} Kamailio children",
@@ -675,34 +729,53 @@ def render(summary: dict[str, Any], results: Sequence[RoundResult]) -> str:
     ]
     off, on = summary["modes"]["off"], summary["modes"]["on"]
     lines.append(f"{'median calls/s':<26}{off['median_cps']:>16.1f}{on['median_cps']:>16.1f}")
-    lines.append(f"{'median Kamailio CPU ms/call':<26}"
-                 f"{off['median_kamailio_cpu_ms_per_call']:>16.3f}"
-                 f"{on['median_kamailio_cpu_ms_per_call']:>16.3f}")
-    lines.append(f"{'median Redis CPU ms/call':<26}"
-                 f"{off['median_redis_cpu_ms_per_call']:>16.3f}"
-                 f"{on['median_redis_cpu_ms_per_call']:>16.3f}")
-    lines.append(f"{'decisions':<26}{_fmt_actions(off['actions']):>16}"
-                 f"{_fmt_actions(on['actions']):>16}")
+    lines.append(
+        f"{'median Kamailio CPU ms/call':<26}"
+        f"{off['median_kamailio_cpu_ms_per_call']:>16.3f}"
+        f"{on['median_kamailio_cpu_ms_per_call']:>16.3f}"
+    )
+    lines.append(
+        f"{'median Redis CPU ms/call':<26}"
+        f"{off['median_redis_cpu_ms_per_call']:>16.3f}"
+        f"{on['median_redis_cpu_ms_per_call']:>16.3f}"
+    )
+    lines.append(
+        f"{'decisions':<26}{_fmt_actions(off['actions']):>16}{_fmt_actions(on['actions']):>16}"
+    )
     lines.append("")
-    lines.append("Redis commands per INVITE (INFO commandstats delta / INVITEs scored)")
-    names = sorted(set(off["commands_per_invite"]) | set(on["commands_per_invite"]),
-                   key=lambda n: (n not in CLIENT_COMMANDS, n))
+    lines.append("Redis commands per INVITE (INFO commandstats delta / INVITEs sent)")
+    names = sorted(
+        set(off["commands_per_invite"]) | set(on["commands_per_invite"]),
+        key=lambda n: (n not in CLIENT_COMMANDS, n),
+    )
     for name in names:
-        origin = "client" if name in CLIENT_COMMANDS else (
-            "in Lua" if name in SCRIPT_COMMANDS else "other")
-        lines.append(f"  {name:<12} {origin:<7}{off['commands_per_invite'].get(name, 0):>13.3f}"
-                     f"{on['commands_per_invite'].get(name, 0):>16.3f}")
-    lines.append(f"  {'socket reads by Redis':<20}{_fmt(off['redis_reads_per_invite']):>13}"
-                 f"{_fmt(on['redis_reads_per_invite']):>16}")
-    lines.append(f"  {'reply writes by Redis':<20}{_fmt(off['redis_writes_per_invite']):>13}"
-                 f"{_fmt(on['redis_writes_per_invite']):>16}")
-    lines.append(f"awaited round trips per INVITE (scoring on): "
-                 f"{summary['round_trips_per_invite']:.3f}")
+        origin = (
+            "client"
+            if name in CLIENT_COMMANDS
+            else ("in Lua" if name in SCRIPT_COMMANDS else "other")
+        )
+        lines.append(
+            f"  {name:<12} {origin:<7}{off['commands_per_invite'].get(name, 0):>13.3f}"
+            f"{on['commands_per_invite'].get(name, 0):>16.3f}"
+        )
+    lines.append(
+        f"  {'socket reads by Redis':<20}{_fmt(off['redis_reads_per_invite']):>13}"
+        f"{_fmt(on['redis_reads_per_invite']):>16}"
+    )
+    lines.append(
+        f"  {'reply writes by Redis':<20}{_fmt(off['redis_writes_per_invite']):>13}"
+        f"{_fmt(on['redis_writes_per_invite']):>16}"
+    )
+    lines.append(
+        f"awaited round trips per INVITE (scoring on): {summary['round_trips_per_invite']:.3f}"
+    )
     lines.append("")
     lines.extend(f"note: {n}" for n in summary["notes"])
-    lines.append(f"ratio calls/s on/off: {_fmt(summary['ratio_cps'])}   "
-                 f"ratio Kamailio CPU per call off/on: {_fmt(summary['ratio_cpu'])}   "
-                 f"(goal >= 0.8)")
+    lines.append(
+        f"ratio calls/s on/off: {_fmt(summary['ratio_cps'])}   "
+        f"ratio Kamailio CPU per call off/on: {_fmt(summary['ratio_cpu'])}   "
+        f"(goal >= 0.8)"
+    )
     return "\n".join(lines)
 
 
@@ -732,23 +805,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--calls", type=_positive, default=20000, help="calls per round (20000)")
     p.add_argument("--rounds", type=_positive, default=3, help="rounds per mode (3)")
-    p.add_argument("--rate", type=float, default=8000.0,
-                   help="target calls/s offered, summed over the UACs (8000)")
-    p.add_argument("--concurrency", type=_positive, default=1200,
-                   help="calls in flight at most, summed over the UACs (1200)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=8000.0,
+        help="target calls/s offered, summed over the UACs (8000)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=1000,
+        help="calls in flight at most, summed over the UACs (1000)",
+    )
     p.add_argument("--sources", type=_positive, default=4, help="source IPs 127.0.2.N (4)")
     p.add_argument("--children", type=_positive, default=4, help="Kamailio UDP children (4)")
-    p.add_argument("--warmup", type=int, default=100,
-                   help="unmeasured calls after each mode switch (100)")
-    p.add_argument("--shm", type=int, default=1024,
-                   help="Kamailio shared memory, MB (-m); 0 = Kamailio's default, 64 (1024)")
-    p.add_argument("--rcvbuf", type=int, default=RCVBUF,
-                   help=f"Kamailio's and SIPp's UDP buffer limit, bytes (-b, -buff_size); "
-                   f"0 = their defaults ({RCVBUF})")
-    p.add_argument("--retrans", action="store_true",
-                   help="let SIPp retransmit (UDP timers, T1 = 500 ms); by default -nr: the "
-                   "buffers are large enough that loopback loses nothing, and the closed loop "
-                   "queues calls for longer than T1 when scoring is on")
+    p.add_argument(
+        "--warmup", type=int, default=100, help="unmeasured calls after each mode switch (100)"
+    )
+    p.add_argument(
+        "--shm",
+        type=int,
+        default=1024,
+        help="Kamailio shared memory, MB (-m); 0 = Kamailio's default, 64 (1024)",
+    )
+    p.add_argument(
+        "--rcvbuf",
+        type=int,
+        default=RCVBUF,
+        help=f"Kamailio's and SIPp's UDP buffer limit, bytes (-b, -buff_size); "
+        f"0 = their defaults ({RCVBUF})",
+    )
+    p.add_argument(
+        "--retrans",
+        action="store_true",
+        help="let SIPp retransmit (UDP timers, T1 = 500 ms); by default -nr: the "
+        "buffers are large enough that loopback loses nothing, and the closed loop "
+        "queues calls for longer than T1 when scoring is on",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per round at most")
     p.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary dir)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -772,8 +865,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=args.timeout, shm_mb=args.shm, rcvbuf=args.rcvbuf, retrans=args.retrans,
     )  # fmt: skip
     for tool in ("kamailio", "redis-server"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists() \
-                and not Path(f"/usr/bin/{tool}").exists():
+        if (
+            shutil.which(tool) is None
+            and not Path(f"/usr/sbin/{tool}").exists()
+            and not Path(f"/usr/bin/{tool}").exists()
+        ):
             print(f"bench: {tool} not found; run `make setup`", file=sys.stderr)
             return 1
 

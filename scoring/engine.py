@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from scoring.checks import distinct_callers, lists, scanner, sweep
+from scoring.checks import distinct_callers, lists, reputation, ring_hijack, scanner, sweep
 from scoring.checks.base import Context
 from scoring.checks.rate import rate_callee, rate_caller, rate_ip
 from scoring.model import Action, CheckResult, Contribution, Decision
@@ -28,6 +28,8 @@ DEFAULT_CHECKS: tuple[tuple[str, CheckFn, bool], ...] = (
     ("distinct_callers", distinct_callers.check, True),
     ("sweep", sweep.check, True),
     ("scanner", scanner.check, False),
+    ("reputation", reputation.check, True),
+    ("ring_hijack", ring_hijack.check, False),
 )
 
 

@@ -52,8 +52,10 @@ class CallAttempt:
 
     @property
     def caller_key(self) -> str:
-        """Identity of the caller used for per-caller counters: user@domain, lower-cased."""
-        return f"{self.from_user}@{self.from_domain}".lower()
+        """Identity of the caller for per-caller counters and reputation: `tel:DIGITS` when
+        the From user is a phone number (so a number keeps its history across domains and
+        gateways), else `user@domain`, lower-cased."""
+        return caller_identity(self.from_user, self.from_domain)
 
     @property
     def callee_key(self) -> str:
@@ -76,8 +78,10 @@ class Signals:
     distinct_callees: int = 0
     recent_callees: tuple[str, ...] = ()
     scanner_hits: int = 0
-    reputation_caller: float = 0.0  # decayed spam reputation in [0, 1] (0 = clean/unknown)
+    reputation_caller: float = 0.0  # stored spam reputation in [0, 1] (0 = clean/unknown)
+    reputation_caller_t: float = 0.0  # when it was last updated (decay is applied by the check)
     reputation_ip: float = 0.0
+    reputation_ip_t: float = 0.0
     config_version: int = 0
     lists_version: int = 0
     available: bool = True
@@ -127,3 +131,11 @@ class Decision:
 
     def reasons(self) -> list[str]:
         return [f"{c.name}: {c.reason}" for c in self.contributions if c.reason]
+
+
+def caller_identity(user: str, domain: str = "") -> str:
+    """`tel:DIGITS` for numeric users ('+1 555...' and '1555...' agree), else user@domain."""
+    digits = user[1:] if user.startswith("+") else user
+    if digits.isascii() and digits.isdigit() and 3 <= len(digits) <= 20:
+        return "tel:" + digits
+    return f"{user}@{domain}".lower()

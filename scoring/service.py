@@ -48,11 +48,12 @@ class ScoringService:
             signals = Signals(available=False)
         else:
             self._refresh(signals)
-        ctx = Context(attempt, signals, self.config, self.lists)
+        ctx = Context(attempt, signals, self.config, self.lists, now=t)
         decision = decide(ctx, on_error=self._check_failed)
         self.counters[f"action:{decision.action.value}"] += 1
         try:
-            self.store.record(attempt, decision, t)
+            self.store.record(attempt, decision, t,
+                              half_life=self.config.get_float("reputation.half_life"))
         except RedisUnavailable:
             self.counters["record_lost"] += 1
         return decision

@@ -30,7 +30,8 @@ from lists.matcher import ListSnapshot
 from lists.store import load_lists
 from scoring import keys
 from scoring.config import Config
-from scoring.model import CallAttempt, Decision, Signals
+from scoring.model import Action, CallAttempt, Decision, Signals
+from scoring.reputation import caller_rep_key, ip_rep_key, update_command
 
 log = logging.getLogger("spitwall.store")
 
@@ -50,7 +51,9 @@ class Script:
 
 OBSERVE = Script("observe")
 RECORD = Script("record")
-SCRIPTS = (OBSERVE, RECORD)
+REPUTATION = Script("reputation")
+SCRIPTS = (OBSERVE, RECORD, REPUTATION)
+LAST_CALLER_TTL = 86400  # how long a callee can report its last caller
 
 
 class RedisUnavailable(Exception):
@@ -148,20 +151,26 @@ class Store:
         """Count this INVITE and read everything the shared checks need: one round trip."""
         t = time.time() if now is None else now
         windows = cfg.rate_windows
+        n = len(windows)
         dw = int(cfg["distinct.window"])
         recent_max = int(cfg["sweep.recent"])
-        win_args = [str(len(windows)), *[str(w) for w in windows]]
+        head = [f"{t:.3f}", str(n), *[str(w) for w in windows]]
         ip_base = keys.tag("ip", attempt.source_ip)
-        callee = attempt.ruri_user[:RECENT_MAX_LEN]
-        source = [
-            "EVALSHA", OBSERVE.sha,
-            str(2 * len(windows) + 6),
-            *keys.rate_keys(ip_base, windows, t), *keys.source_keys(ip_base, dw, t),
-            f"{t:.3f}", *win_args, "1", attempt.caller_key[:256], callee,
-            str(dw), str(recent_max),
-        ]
-        per_caller = self._rate_command(keys.tag("caller", attempt.caller_key), windows, t)
-        per_callee = self._rate_command(keys.tag("callee", attempt.callee_key), windows, t)
+        caller = attempt.caller_key
+        caller_base = keys.tag("caller", caller)
+        callee_base = keys.tag("callee", attempt.callee_key)
+        source = ["EVALSHA", OBSERVE.sha, str(2 * n + 7),
+                  *keys.rate_keys(ip_base, windows, t), *keys.source_keys(ip_base, dw, t),
+                  f"{ip_base}:rep",
+                  "ip", *head, caller[:256], attempt.ruri_user[:RECENT_MAX_LEN], str(dw),
+                  str(recent_max)]
+        per_caller = ["EVALSHA", OBSERVE.sha, str(2 * n + 1),
+                      *keys.rate_keys(caller_base, windows, t), f"{caller_base}:rep",
+                      "caller", *head]
+        last = f"{caller}|{attempt.source_ip}"[:300] if attempt.ruri_user else ""
+        per_callee = ["EVALSHA", OBSERVE.sha, str(2 * n + 1),
+                      *keys.rate_keys(callee_base, windows, t), last_caller_key(attempt.ruri_user),
+                      "callee", *head, last, str(LAST_CALLER_TTL)]
         versions = ["MGET", keys.CONFIG_VERSION, keys.LISTS_VERSION]
         commands = [source, per_caller, per_callee, versions]
         replies = self._roundtrip(commands)
@@ -172,37 +181,59 @@ class Store:
             if isinstance(r, Exception):
                 raise RedisUnavailable(f"redis error: {r}")
         src = [_s(x) for x in replies[0]]
-        n = len(windows)
-        ip_rate = {w: float(src[i]) for i, w in enumerate(windows)}
-        caller_rate = {w: float(_s(x)) for w, x in zip(windows, replies[1], strict=True)}
-        callee_rate = {w: float(_s(x)) for w, x in zip(windows, replies[2], strict=True)}
-        recent = tuple(src[n + 3:])
+        cal = [_s(x) for x in replies[1]]
+        cee = [_s(x) for x in replies[2]]
         cfg_v, lists_v = replies[3]
         return Signals(
-            ip_rate=ip_rate, caller_rate=caller_rate, callee_rate=callee_rate,
+            ip_rate={w: float(src[i]) for i, w in enumerate(windows)},
+            caller_rate={w: float(cal[i]) for i, w in enumerate(windows)},
+            callee_rate={w: float(cee[i]) for i, w in enumerate(windows)},
             distinct_callers=int(src[n]), distinct_callees=int(src[n + 1]),
-            scanner_hits=int(src[n + 2]), recent_callees=recent,
+            scanner_hits=int(src[n + 2]),
+            reputation_ip=_f(src[n + 3]), reputation_ip_t=_f(src[n + 4]),
+            recent_callees=tuple(src[n + 5:]),
+            reputation_caller=_f(cal[n]), reputation_caller_t=_f(cal[n + 1]),
             config_version=int(cfg_v or 0), lists_version=int(lists_v or 0),
         )
-
-    @staticmethod
-    def _rate_command(base: str, windows: tuple[int, ...], t: float) -> list[str]:
-        return ["EVALSHA", OBSERVE.sha, str(2 * len(windows)), *keys.rate_keys(base, windows, t),
-                f"{t:.3f}", str(len(windows)), *[str(w) for w in windows], "0"]
 
     def _load_scripts(self) -> None:
         self._roundtrip([["SCRIPT", "LOAD", s.source] for s in SCRIPTS])
 
-    def record(self, attempt: CallAttempt, decision: Decision, now: float | None = None) -> None:
-        """Store the decision by Call-ID and count it; deferred (no wait for the reply)."""
+    def record(self, attempt: CallAttempt, decision: Decision, now: float | None = None,
+               half_life: float = 3 * 86400.0) -> None:
+        """Store the decision by Call-ID, count it, and let rejects/diverts nudge the caller's
+        and source's reputation; deferred (no wait for the replies)."""
         t = time.time() if now is None else now
         blob = pack_decision(attempt, decision, t)
         ring = keys.decision_buckets()
-        self._defer([
+        commands: list[list[Any]] = [
             ["EVALSHA", RECORD.sha, str(1 + len(ring)), keys.DECISION_SEQ, *ring,
              attempt.call_id, blob, str(keys.DECISION_BUCKET_SIZE), str(keys.DECISION_TTL)],
             ["HINCRBY", keys.STATS, f"action:{decision.action.value}", "1"],
-        ])
+        ]
+        if decision.rule == "score" and decision.action is not Action.RELAY:
+            kind = decision.action.value  # reject | divert
+            commands.append(update_command(caller_rep_key(attempt.caller_key), kind, t, half_life))
+            commands.append(update_command(ip_rep_key(attempt.source_ip), kind, t, half_life))
+        self._defer(commands)
+
+    def feedback(self, *, caller_key: str, ip: str, kind: str, half_life: float,
+                 now: float | None = None) -> None:
+        """Reputation observation from the proxy (e.g. a call's duration); deferred."""
+        t = time.time() if now is None else now
+        commands = [update_command(k, kind, t, half_life)
+                    for k in (caller_rep_key(caller_key) if caller_key else "",
+                              ip_rep_key(ip) if ip else "") if k]
+        commands.append(["HINCRBY", keys.STATS, f"feedback:{kind}", "1"])
+        self._defer(commands)
+
+    def last_caller(self, callee_user: str) -> tuple[str, str] | None:
+        """Who last called `callee_user` through us: (caller identity, source IP)."""
+        (reply,) = self._roundtrip([["GET", last_caller_key(callee_user)]])
+        if reply is None or isinstance(reply, Exception):
+            return None
+        caller, _, ip = _s(reply).rpartition("|")
+        return (caller, ip) if caller else None
 
     def note_scanner(self, ip: str, ttl: int = 86400) -> None:
         """Remember that `ip` sent a scanner fingerprint (deferred)."""
@@ -245,6 +276,17 @@ class Store:
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._mark_down(exc)
             raise RedisUnavailable(str(exc)) from exc
+
+
+def last_caller_key(callee_user: str) -> str:
+    return f"{keys.tag('last', callee_user[:RECENT_MAX_LEN] or '-')}:caller"
+
+
+def _f(x: str) -> float:
+    try:
+        return float(x)
+    except ValueError:
+        return 0.0
 
 
 def _s(x: Any) -> str:

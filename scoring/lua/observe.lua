@@ -2,20 +2,27 @@
 -- One call per entity (source IP, caller, callee); all KEYS of a call share one hash tag,
 -- so the script is valid in Redis Cluster. Every key written here has a TTL.
 --
--- KEYS: for each rate window i: cur_i, prev_i (sliding-window counter buckets)
---       then, when ARGV has_source = 1: callers_cur, callers_prev, callees_cur, callees_prev
---       (HyperLogLogs), recent (list of recent callees), scan (scanner-hit counter)
--- ARGV: now (seconds, float), n_windows, W_1 .. W_n (seconds),
---       has_source, caller_member, callee_member, distinct_window, recent_max
--- Returns: array of strings: weighted rate per window, then (source only)
---          distinct_callers, distinct_callees, scanner_hits, recent callees (newest first)
+-- ARGV[1] = mode: 'ip' | 'caller' | 'callee'; ARGV[2] = now (seconds, float);
+-- ARGV[3] = n (rate windows); ARGV[4 .. 3+n] = window lengths (seconds).
+-- KEYS[1 .. 2n] = for each window: current bucket, previous bucket (sliding-window counter).
+--
+-- mode 'ip':     KEYS += callers_cur, callers_prev, callees_cur, callees_prev (HyperLogLogs),
+--                        recent (list of recent callees), scan (scanner probes), rep (hash)
+--                ARGV += caller_member, callee_member, distinct_window, recent_max
+--                returns rates.., distinct_callers, distinct_callees, scanner_hits,
+--                        rep_score, rep_time, recent callees.. (newest first)
+-- mode 'caller': KEYS += rep;      returns rates.., rep_score, rep_time
+-- mode 'callee': KEYS += last;     ARGV += last_value, last_ttl (remember who called last,
+--                                  for in-call spam reports); returns rates..
+-- All values are returned as strings.
 
-local now = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
+local mode = ARGV[1]
+local now = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local out = {}
 
 for i = 1, n do
-  local w = tonumber(ARGV[2 + i])
+  local w = tonumber(ARGV[3 + i])
   local cur, prev = KEYS[2 * i - 1], KEYS[2 * i]
   local c = redis.call('INCR', cur)
   if c == 1 then redis.call('EXPIRE', cur, 2 * w) end
@@ -24,14 +31,21 @@ for i = 1, n do
   out[#out + 1] = string.format('%.3f', c + p * (1 - elapsed))
 end
 
-local a = 2 + n + 1
-if ARGV[a] == '1' then
+local k = 2 * n
+local a = 3 + n
+
+local function reputation(key)
+  local v = redis.call('HMGET', key, 's', 't')
+  out[#out + 1] = v[1] or '0'
+  out[#out + 1] = v[2] or '0'
+end
+
+if mode == 'ip' then
   local caller, callee = ARGV[a + 1], ARGV[a + 2]
   local dw, recent_max = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local k = 2 * n
   local callers_cur, callers_prev = KEYS[k + 1], KEYS[k + 2]
   local callees_cur, callees_prev = KEYS[k + 3], KEYS[k + 4]
-  local recent, scan = KEYS[k + 5], KEYS[k + 6]
+  local recent, scan, rep = KEYS[k + 5], KEYS[k + 6], KEYS[k + 7]
   -- HyperLogLogs are at most 12 KB each, whatever an attacker sends.
   if caller ~= '' then
     redis.call('PFADD', callers_cur, caller)
@@ -47,7 +61,13 @@ if ARGV[a] == '1' then
   out[#out + 1] = tostring(redis.call('PFCOUNT', callers_cur, callers_prev))
   out[#out + 1] = tostring(redis.call('PFCOUNT', callees_cur, callees_prev))
   out[#out + 1] = redis.call('GET', scan) or '0'
+  reputation(rep)
   local items = redis.call('LRANGE', recent, 0, recent_max - 1)
   for j = 1, #items do out[#out + 1] = items[j] end
+elseif mode == 'caller' then
+  reputation(KEYS[k + 1])
+elseif mode == 'callee' then
+  local last, value, ttl = KEYS[k + 1], ARGV[a + 1], tonumber(ARGV[a + 2])
+  if value ~= '' then redis.call('SET', last, value, 'EX', ttl) end
 end
 return out

@@ -206,8 +206,10 @@ def test_redis_unavailable_shared_checks_contribute_zero() -> None:
     assert d.degraded is True
     assert d.action is Action.RELAY
     assert d.score == 0.0
+    shared = {name for name, _fn, needs_redis in DEFAULT_CHECKS if needs_redis}
+    assert {"rate_ip", "distinct_callers", "sweep", "reputation"} <= shared
     for c in d.contributions:
-        if c.name == "scanner":
+        if c.name not in shared:
             assert c.reason == ""
         else:
             assert c.score == 0.0
