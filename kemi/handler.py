@@ -20,6 +20,7 @@ import os
 import re
 import site
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -49,7 +50,9 @@ _add_venv(_root())
 import KSR  # noqa: E402
 
 from kemi.attempt import build_attempt, clean, read_pv  # noqa: E402
-from scoring.model import Action, Decision  # noqa: E402
+from scoring.checks import ring_hijack  # noqa: E402
+from scoring.checks.base import Context  # noqa: E402
+from scoring.model import Action, CallAttempt, Decision, Signals  # noqa: E402
 from scoring.service import ScoringService  # noqa: E402
 from scoring.store import Store  # noqa: E402
 
@@ -209,6 +212,9 @@ class Handler:
         if KSR.is_method_in("IS"):  # INVITE or SUBSCRIBE open dialogs through us
             KSR.rr.record_route()
 
+        if self._report_request():
+            return 1
+
         if KSR.is_INVITE():
             rc = self.spitwall_invite(None)
             if rc == 0:
@@ -217,6 +223,39 @@ class Handler:
             return 1
         self._relay(set_next_hop=True)
         return 1
+
+    def _report_request(self) -> bool:
+        """In-call spam reports: a MESSAGE to the report URI ('spam' or 'ok' in the body) or
+        an INVITE to the feature code, from the callee; they report the callee's last caller.
+        Returns True when the request was handled here."""
+        svc = self._ensure_service()
+        user = read_pv("$rU", 64)
+        if not user:
+            return False
+        if KSR.is_MESSAGE() and user == str(svc.config["reputation.report_uri_user"]):
+            body = read_pv("$rb", 64).strip().lower()
+            kind = "report_ok" if body.startswith(("ok", "ham", "not spam")) else "report_spam"
+        elif KSR.is_INVITE() and user == str(svc.config["reputation.feature_code"]):
+            kind = "report_spam"
+        else:
+            return False
+        # Reports must come through a trusted peer (the core that authenticated the callee):
+        # otherwise anyone could forge a From and smear a callee's last caller.
+        source = read_pv("$si", 64)
+        svc.sync()  # a rare request: make sure this child has the current trusted list
+        if svc.lists.trusted.match(ip=source) is None:
+            KSR.sl.sl_send_reply(403, "Forbidden")
+            return True
+        reporter = read_pv("$fU", 64)
+        found = svc.report_last_caller(reporter, kind) if reporter else None
+        if KSR.is_MESSAGE():
+            if found:
+                KSR.sl.sl_send_reply(202, "Report Accepted")
+            else:
+                KSR.sl.sl_send_reply(404, "No Recent Caller")
+        else:
+            KSR.sl.sl_send_reply(603, "Report Recorded" if found else "No Recent Caller")
+        return True
 
     def _within_dialog(self) -> int:
         if KSR.rr.loose_route() > 0:
@@ -261,6 +300,46 @@ class Handler:
             KSR.sl.sl_send_reply(403, "Forbidden")
         return True  # drop: say nothing
 
+    def _strip_ring_control(self, svc: ScoringService, attempt: CallAttempt) -> None:
+        """Ring hijack: untrusted callers must not pick the ring tone or auto-answer."""
+        if not svc.config["ring_hijack.strip"]:
+            return
+        alert, control = ring_hijack.findings(attempt)
+        if not (alert or control):
+            return
+        ctx = Context(attempt, Signals(), svc.config, svc.lists)
+        if ring_hijack.is_trusted(ctx):
+            return
+        if alert:
+            KSR.hdr.remove("Alert-Info")
+        if attempt.call_info and ring_hijack.hostile_call_info(attempt.call_info):
+            KSR.hdr.remove("Call-Info")
+        svc.counters["ring_control_stripped"] += 1
+
+    def _track_dialog(self, attempt: CallAttempt, *, diverted: bool) -> None:
+        """Let the dialog module tell us when (and how long after answer) the call ends."""
+        if KSR.dialog.dlg_manage() < 0:
+            return
+        KSR.pv.sets("$dlg_var(sw_caller)", attempt.caller_key[:256])
+        KSR.pv.sets("$dlg_var(sw_ip)", attempt.source_ip)
+        KSR.pv.sets("$dlg_var(sw_div)", "1" if diverted else "0")
+
+    def ksr_dialog_event(self, msg: Any, evname: str) -> int:
+        """dialog:end of a call we scored: its duration is evidence about the caller."""
+        try:
+            if evname != "dialog:end":
+                return 1
+            if read_pv("$dlg_var(sw_div)", 4) != "0":
+                return 1  # diverted: the answering machine gives its own verdict
+            start = int(KSR.pv.get("$dlg(start_ts)") or 0)
+            caller = read_pv("$dlg_var(sw_caller)", 256)
+            ip = read_pv("$dlg_var(sw_ip)", 64)
+            if start > 0 and (caller or ip):
+                self._ensure_service().call_ended(caller, ip, time.time() - start)
+        except Exception:
+            self._barrier("dialog_event")
+        return 1
+
     # -- scoring -------------------------------------------------------------------------
     def spitwall_invite(self, msg: Any) -> int:
         """Score an initial INVITE and apply the decision (also callable by python_exec).
@@ -275,21 +354,28 @@ class Handler:
             self._barrier("scoring")
             return 1
         try:
-            rc = self._apply(decision, svc)
+            rc = self._apply(decision, svc, attempt)
         except Exception:
             self._barrier("apply")
             return 1
+        if rc and decision.rule != "disabled":
+            self._track_dialog(attempt, diverted=(rc == 2))
         # For native cfg callers of python_exec: $avp(spitwall_rc) and $avp(spitwall_action).
         KSR.pv.seti("$avp(spitwall_rc)", rc)
         KSR.pv.sets("$avp(spitwall_action)", decision.action.value)
         return rc
 
-    def _apply(self, decision: Decision, svc: ScoringService) -> int:
+    def _apply(self, decision: Decision, svc: ScoringService, attempt: CallAttempt) -> int:
         if decision.action is Action.REJECT:
             code = int(svc.config["reject_code"])
             KSR.tm.t_newtran()
+            url = str(svc.config["reject.call_info_url"])
+            if code == 608 and url:
+                # RFC 8688: where the called party can reach the operator about the block
+                KSR.hdr.append_to_reply(f"Call-Info: <{url}>;purpose=jwscard\r\n")
             KSR.tm.t_reply(code, "Rejected" if code == 608 else "Decline")
             return 0
+        self._strip_ring_control(svc, attempt)
         if decision.action is Action.DIVERT and self.media_uri:
             orig = sip_uri(read_pv("$rU", 128), read_pv("$rd", 128))
             KSR.hdr.append(

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -77,11 +78,13 @@ def _when(ts: float | None) -> str:
 def cmd_config_show(args: argparse.Namespace) -> int:
     from scoring import config_admin
     from scoring.config import PARAMS
+    from scoring.geo import database_status
 
     cfg, raw = config_admin.show(client(args))
     rows = {k: {"value": cfg[k], "default": p.default, "set": k in raw, "help": p.help}
             for k, p in PARAMS.items()}
-    data = {"version": cfg.version, "config": rows, "errors": list(cfg.errors)}
+    data = {"version": cfg.version, "config": rows, "errors": list(cfg.errors),
+            "geoip": database_status(str(cfg["geoip.database"]))}
 
     def text() -> str:
         lines = [f"config version {cfg.version}"]
@@ -89,6 +92,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
             mark = "*" if r["set"] else " "
             lines.append(f"{mark} {k:28} {_fmt(r['value']):>18}   {r['help']}")
         lines.append("(* = set by an operator; others are defaults)")
+        lines.append(f"GeoIP: {database_status(str(cfg['geoip.database']))}")
         lines += [f"warning: {e}" for e in cfg.errors]
         return "\n".join(lines)
 
@@ -108,7 +112,13 @@ def cmd_config_set(args: argparse.Namespace) -> int:
     from scoring import config_admin
 
     value = config_admin.set_value(client(args), args.key, args.value)
-    emit(args, {"key": args.key, "value": value}, lambda: f"{args.key} = {_fmt(value)}")
+    note = ""
+    if args.key == "geoip.database" and value:
+        from scoring.geo import database_status
+
+        note = f" (here: {database_status(str(value))})"  # Kamailio may run elsewhere
+    emit(args, {"key": args.key, "value": value},
+         lambda: f"{args.key} = {_fmt(value)}{note}")
     return 0
 
 
@@ -231,6 +241,49 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from scoring import config_admin, reputation
+
+    reputation.normalise_caller(args.caller)  # refuses empty or absurd input before Redis
+    if args.ip:
+        from lists.model import normalise
+
+        args.ip = normalise("ip", args.ip)
+    c = client(args)
+    cfg, _raw = config_admin.show(c)
+    half = cfg.get_float("reputation.half_life")
+    if args.verdict == "show":
+        data = reputation.read(c, caller=args.caller, ip=args.ip or "", half_life=half)
+    else:
+        kind = "report_spam" if args.verdict == "spam" else "report_ok"
+        reputation.apply_feedback(c, caller=args.caller, ip=args.ip or "", kind=kind,
+                                  half_life=half)
+        data = reputation.read(c, caller=args.caller, ip=args.ip or "", half_life=half)
+        c.xadd(keys_audit(), {"ts": f"{time.time():.3f}", "user": os_user(), "what": "report",
+                              "action": kind, "key": args.caller,
+                              "old": "", "new": json.dumps(data)},
+               maxlen=100_000, approximate=True)
+
+    def text() -> str:
+        return "\n".join(f"{k:7} reputation {v['score']:.2f} ({int(v['events'])} events)"
+                         for k, v in data.items())
+
+    emit(args, data, text)
+    return 0
+
+
+def keys_audit() -> str:
+    from scoring import keys
+
+    return keys.AUDIT
+
+
+def os_user() -> str:
+    from scoring.audit import os_user as _user
+
+    return _user()
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from scoring import keys
 
@@ -299,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", parents=[common], help="recent config and list changes")
     au.add_argument("--count", type=int, default=50)
     au.set_defaults(func=cmd_audit)
+
+    rp = sub.add_parser("report", parents=[common],
+                        help="report a caller as spam or ok (or show its reputation)")
+    rp.add_argument("caller", metavar="CALLER", help="number or SIP URI")
+    rp.add_argument("verdict", choices=("spam", "ok", "show"))
+    rp.add_argument("--ip", metavar="IP", help="also the source IP's reputation")
+    rp.set_defaults(func=cmd_report)
 
     st = sub.add_parser("stats", parents=[common], help="decision counters")
     st.set_defaults(func=cmd_stats)

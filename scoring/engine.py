@@ -11,7 +11,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from scoring.checks import distinct_callers, lists, reputation, ring_hijack, scanner, sweep
+from scoring.checks import (
+    distinct_callers,
+    geoip,
+    lists,
+    reputation,
+    ring_hijack,
+    scanner,
+    sweep,
+)
 from scoring.checks.base import Context
 from scoring.checks.rate import rate_callee, rate_caller, rate_ip
 from scoring.model import Action, CheckResult, Contribution, Decision
@@ -30,6 +38,7 @@ DEFAULT_CHECKS: tuple[tuple[str, CheckFn, bool], ...] = (
     ("scanner", scanner.check, False),
     ("reputation", reputation.check, True),
     ("ring_hijack", ring_hijack.check, False),
+    ("geoip", geoip.check, False),
 )
 
 

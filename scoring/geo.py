@@ -38,11 +38,13 @@ log = logging.getLogger("spitwall.geo")
 RETRY_SECONDS = 60.0  # how often a failed open is retried, and a changed file looked for
 MAX_IP_LEN = 64  # longer "addresses" are malformed: never parsed
 
-# A canonical dotted quad: strings of this shape go straight to the reader. Others are parsed
-# by `ipaddress` first, so that legacy forms the C library would accept ("1.2.3", octal
-# "0177.0.0.1") count as malformed, as they do for the lists.
-_DOTTED_QUAD = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
-                          r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)")
+# Strings of these shapes go straight to the reader (whose C parser rejects malformed IPv6).
+# Others are parsed by `ipaddress` first: legacy IPv4 forms the C library would accept ("1.2.3",
+# octal "0177.0.0.1") count as malformed, as they do for the lists; IPv4-mapped IPv6, brackets
+# and scope ids are handled there.
+_PLAIN_IP = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                       r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+                       r"|[0-9A-Fa-f:]{2,39}")
 
 Lookup = Callable[[str | ipaddress.IPv4Address | ipaddress.IPv6Address], geoip2.models.Country]
 
@@ -117,7 +119,7 @@ class GeoResolver:
         location country for the network (as MaxMind does for some anycast and satellite
         ranges)."""
         try:
-            if not _DOTTED_QUAD.fullmatch(ip):
+            if not _PLAIN_IP.fullmatch(ip):
                 addr = _parse(ip)
                 if addr is None:
                     return ""

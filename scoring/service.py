@@ -16,6 +16,7 @@ from lists.matcher import ListHit, ListSnapshot
 from scoring.checks.base import Context
 from scoring.config import Config
 from scoring.engine import decide
+from scoring.geo import country_for
 from scoring.model import Action, CallAttempt, Decision, Signals
 from scoring.store import RedisUnavailable, Store
 
@@ -48,7 +49,8 @@ class ScoringService:
             signals = Signals(available=False)
         else:
             self._refresh(signals)
-        ctx = Context(attempt, signals, self.config, self.lists, now=t)
+        country = country_for(self.config, attempt.source_ip)
+        ctx = Context(attempt, signals, self.config, self.lists, country=country, now=t)
         decision = decide(ctx, on_error=self._check_failed)
         self.counters[f"action:{decision.action.value}"] += 1
         try:
@@ -64,13 +66,51 @@ class ScoringService:
         self.counters["action:relay"] += 1
         if now - self._last_poll >= DISABLED_POLL:
             self._last_poll = now
-            try:
-                cfg_v, lists_v = self.store.versions()
-            except RedisUnavailable:
-                self.counters["redis_unavailable"] += 1
-            else:
-                self._refresh(Signals(config_version=cfg_v, lists_version=lists_v))
+            self.sync()
         return Decision(Action.RELAY, 0.0, rule="disabled")
+
+    def sync(self) -> None:
+        """Reload config and lists now if their versions changed (one round trip; for rare
+        requests such as reports, not for INVITEs, whose script reply carries the versions)."""
+        try:
+            cfg_v, lists_v = self.store.versions()
+        except RedisUnavailable:
+            self.counters["redis_unavailable"] += 1
+            return
+        self._refresh(Signals(config_version=cfg_v, lists_version=lists_v))
+
+    def call_ended(self, caller_key: str, ip: str, duration: float) -> str | None:
+        """Feed an answered call's duration into reputation; returns the feedback kind."""
+        cfg = self.config
+        if duration < cfg.get_float("reputation.short_call"):
+            kind = "short_call"
+        elif duration > cfg.get_float("reputation.long_call"):
+            kind = "long_call"
+        else:
+            return None
+        try:
+            self.store.feedback(caller_key=caller_key, ip=ip, kind=kind,
+                                half_life=cfg.get_float("reputation.half_life"))
+        except RedisUnavailable:
+            self.counters["record_lost"] += 1
+            return None
+        self.counters[f"feedback:{kind}"] += 1
+        return kind
+
+    def report_last_caller(self, reporter_user: str, kind: str) -> tuple[str, str] | None:
+        """A callee reports its last caller (spam or ok); returns (caller, ip) or None."""
+        try:
+            found = self.store.last_caller(reporter_user)
+            if found is None:
+                return None
+            caller, ip = found
+            self.store.feedback(caller_key=caller, ip=ip, kind=kind,
+                                half_life=self.config.get_float("reputation.half_life"))
+        except RedisUnavailable:
+            self.counters["record_lost"] += 1
+            return None
+        self.counters[f"feedback:{kind}"] += 1
+        return found
 
     def scanner_probe(self, source_ip: str, user_agent: str) -> ListHit | None:
         """For requests we do not score: is this a scanner? If so, remember the source."""

@@ -63,7 +63,7 @@ def build_country_db(path: str | os.PathLike[str], entries: Mapping[str, str], *
     # widest networks first so that the more specific ones win.
     def depth(cidr: str) -> int:  # prefix length in the tree (IPv4 sits under ::/96)
         net = IPNetwork(cidr)
-        return net.prefixlen + (96 if ip_version == 6 and net.version == 4 else 0)
+        return int(net.prefixlen) + (96 if ip_version == 6 and net.version == 4 else 0)
 
     for cidr in sorted(contents, key=depth):
         writer.insert_network(IPSet([IPNetwork(cidr)]), dict(contents[cidr]))

@@ -12,7 +12,8 @@ def _match(ctx: Context, which: str) -> CheckResult | None:
     if matcher.size == 0:
         return None
     hit = matcher.match(ip=a.source_ip, user=a.from_user, domain=a.from_domain,
-                        numbers=caller_numbers(a), user_agent=a.user_agent)
+                        numbers=caller_numbers(a), user_agent=a.user_agent,
+                        country=ctx.country)
     if hit is None:
         return None
     reason = f"{which}-listed {hit.on}" + (f" ({hit.entry.reason})" if hit.entry.reason else "")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -77,3 +78,47 @@ def spitwall(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
 def rows(n: int, caller: str = "alice", callee: str = "bob", ua: str = "Linphone/5.2",
          display: str = "Alice") -> list[tuple[str, str, str, str]]:
     return [(caller, callee, display, ua) for _ in range(n)]
+
+
+SDP = (b"v=0\r\no=- 1 1 IN IP4 127.0.9.1\r\ns=-\r\nc=IN IP4 127.0.9.1\r\nt=0 0\r\n"
+       b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+def invite(n: int, port: int, src_port: int, *, ruri_user: bytes = b"bob",
+           from_hdr: bytes | None = None, extra: bytes = b"", ua: bytes = b"Linphone/5.2",
+           body: bytes = SDP, content_length: bytes | None = None,
+           src_ip: str = "127.0.9.1", method: bytes = b"INVITE",
+           content_type: bytes = b"application/sdp") -> bytes:
+    """A hand-made request (INVITE by default) for inputs SIPp cannot produce."""
+    cl = content_length if content_length is not None else str(len(body)).encode()
+    ip = src_ip.encode()
+    frm = from_hdr or b'"Alice" <sip:alice@' + ip + b">;tag=t" + str(n).encode()
+    return (method + b" sip:" + ruri_user + b"@127.0.0.1:" + str(port).encode() + b" SIP/2.0\r\n"
+            b"Via: SIP/2.0/UDP " + ip + b":" + str(src_port).encode()
+            + b";branch=z9hG4bKbad" + str(n).encode() + b"\r\n"
+            b"Max-Forwards: 70\r\n"
+            b"From: " + frm + b"\r\n"
+            b"To: <sip:bob@127.0.0.1>\r\n"
+            b"Call-ID: bad-" + str(n).encode() + b"@" + ip + b"\r\n"
+            b"CSeq: 1 " + method + b"\r\n"
+            b"Contact: <sip:alice@" + ip + b":" + str(src_port).encode() + b">\r\n"
+            b"User-Agent: " + ua + b"\r\n" + extra +
+            b"Content-Type: " + content_type + b"\r\n"
+            b"Content-Length: " + cl + b"\r\n\r\n" + body)
+
+
+def send_all(port: int, messages: list[bytes], src_port: int,
+             src_ip: str = "127.0.9.1") -> list[bytes]:
+    """Send each request from src_ip:src_port and collect whatever comes back."""
+    replies: list[bytes] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((src_ip, src_port))
+        s.settimeout(0.3)
+        for m in messages:
+            s.sendto(m, ("127.0.0.1", port))
+            try:
+                while True:
+                    replies.append(s.recv(65535))
+            except TimeoutError:
+                pass
+    return replies

@@ -3,7 +3,6 @@ headers we add, no unbounded Redis keys, and legitimate calls keep working."""
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
@@ -11,48 +10,9 @@ import pytest
 import redis
 
 from ops.sipp import free_udp_port, run_uac
-from tests.integration.helpers import children_of, rig, rows, spitwall
+from tests.integration.helpers import children_of, invite, rig, rows, send_all, spitwall
 
 pytestmark = pytest.mark.integration
-
-SDP = (b"v=0\r\no=- 1 1 IN IP4 127.0.9.1\r\ns=-\r\nc=IN IP4 127.0.9.1\r\nt=0 0\r\n"
-       b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
-
-
-def invite(n: int, port: int, src_port: int, *, ruri_user: bytes = b"bob",
-           from_hdr: bytes | None = None, extra: bytes = b"", ua: bytes = b"Linphone/5.2",
-           body: bytes = SDP, content_length: bytes | None = None) -> bytes:
-    cl = content_length if content_length is not None else str(len(body)).encode()
-    frm = from_hdr or b'"Alice" <sip:alice@127.0.9.1>;tag=t' + str(n).encode()
-    return (b"INVITE sip:" + ruri_user + b"@127.0.0.1:" + str(port).encode() + b" SIP/2.0\r\n"
-            b"Via: SIP/2.0/UDP 127.0.9.1:" + str(src_port).encode()
-            + b";branch=z9hG4bKbad" + str(n).encode() + b"\r\n"
-            b"Max-Forwards: 70\r\n"
-            b"From: " + frm + b"\r\n"
-            b"To: <sip:bob@127.0.0.1>\r\n"
-            b"Call-ID: bad-" + str(n).encode() + b"@127.0.9.1\r\n"
-            b"CSeq: 1 INVITE\r\n"
-            b"Contact: <sip:alice@127.0.9.1:" + str(src_port).encode() + b">\r\n"
-            b"User-Agent: " + ua + b"\r\n" + extra +
-            b"Content-Type: application/sdp\r\n"
-            b"Content-Length: " + cl + b"\r\n\r\n" + body)
-
-
-def send_all(port: int, messages: list[bytes], src_port: int) -> list[bytes]:
-    """Send each hostile request from 127.0.9.1 and collect whatever comes back."""
-    replies: list[bytes] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.9.1", src_port))
-        s.settimeout(0.3)
-        for m in messages:
-            s.sendto(m, ("127.0.0.1", port))
-            try:
-                while True:
-                    replies.append(s.recv(65535))
-            except TimeoutError:
-                pass
-    return replies
-
 
 def test_hostile_headers_never_crash_or_leak(lab_factory: Any) -> None:
     with rig(lab_factory) as r:
