@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from scoring.checks import (
+    callerid,
     distinct_callers,
     geoip,
     lists,
@@ -39,6 +40,7 @@ DEFAULT_CHECKS: tuple[tuple[str, CheckFn, bool], ...] = (
     ("reputation", reputation.check, True),
     ("ring_hijack", ring_hijack.check, False),
     ("geoip", geoip.check, False),
+    ("callerid", callerid.check, False),
 )
 
 
