@@ -141,3 +141,17 @@ def test_geoip_country_scores_and_country_block(lab_factory: Any, tmp_path: Any)
         spitwall("list", "add", "block", "country", "DE", redis_url=r.redis_url)
         de = run_uac(r.host, r.port, "127.51.0.2", 1, 5, rows(1))
         assert de.count(603) == 1, de.summary()
+
+
+def test_neighbour_spoofed_call_scores_higher(lab_factory: Any) -> None:
+    with rig(lab_factory) as r:
+        far = run_uac(r.host, r.port, "127.0.16.1", 1, 5,
+                      rows(1, caller="2125550123", callee="4155550199"))
+        near = run_uac(r.host, r.port, "127.0.16.2", 1, 5,
+                       rows(1, caller="4155550123", callee="4155550199"))
+        d_far = _decision(r.redis_url, next(iter(far.outcomes)))
+        d_near = _decision(r.redis_url, next(iter(near.outcomes)))
+        assert _check(d_far, "callerid")[1] == 0.0, d_far
+        assert _check(d_near, "callerid")[1] > 0.0, d_near
+        assert "neighbour" in _check(d_near, "callerid")[3]
+        assert d_near["score"] > d_far["score"]
