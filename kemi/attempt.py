@@ -75,7 +75,8 @@ def build_attempt() -> CallAttempt:
         has_identity=_present("Identity"),
         has_alert_info=_present("Alert-Info"),
         has_sdp=sdp,
-        identity=read_pv("$hdr(Identity)", 4096) if _present("Identity") else "",
+        # all Identity headers, comma-joined; one byte over the cap lets the parser see "too big"
+        identity=read_pv("$(hdr(Identity)[*])", 4097) if _present("Identity") else "",
         alert_info=read_pv("$hdr(Alert-Info)", 512) if _present("Alert-Info") else "",
         call_info=read_pv("$hdr(Call-Info)", 512) if _present("Call-Info") else "",
     )

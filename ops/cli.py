@@ -284,6 +284,21 @@ def os_user() -> str:
     return _user()
 
 
+def cmd_stir_fetch(args: argparse.Namespace) -> int:
+    from ops.stir_fetch import fetch_pending, run_forever
+
+    c = client(args)
+    if args.loop:
+        run_forever(c, interval=args.interval, timeout=args.timeout)
+        return 0
+    rep = fetch_pending(c, timeout=args.timeout)
+    data = {"fetched": rep.fetched, "failed": rep.failed}
+    emit(args, data, lambda: "\n".join(
+        [f"fetched {u}" for u in rep.fetched]
+        + [f"failed  {u}: {why}" for u, why in rep.failed.items()]) or "nothing to fetch")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from scoring import keys
 
@@ -359,6 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("verdict", choices=("spam", "ok", "show"))
     rp.add_argument("--ip", metavar="IP", help="also the source IP's reputation")
     rp.set_defaults(func=cmd_report)
+
+    stp = sub.add_parser("stir", help="STIR/SHAKEN certificate fetcher (out of band)")
+    ssub: Any = stp.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    ssub.required = True
+    sf = ssub.add_parser("fetch", parents=[common],
+                         help="fetch certificates of unverified PASSporTs (allow-listed hosts)")
+    sf.add_argument("--loop", action="store_true", help="keep running (a worker)")
+    sf.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS")
+    sf.add_argument("--timeout", type=_positive, default=2.0, metavar="SECONDS")
+    sf.set_defaults(func=cmd_stir_fetch)
 
     st = sub.add_parser("stats", parents=[common], help="decision counters")
     st.set_defaults(func=cmd_stats)

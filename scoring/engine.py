@@ -19,6 +19,7 @@ from scoring.checks import (
     reputation,
     ring_hijack,
     scanner,
+    stir,
     sweep,
 )
 from scoring.checks.base import Context
@@ -41,6 +42,7 @@ DEFAULT_CHECKS: tuple[tuple[str, CheckFn, bool], ...] = (
     ("ring_hijack", ring_hijack.check, False),
     ("geoip", geoip.check, False),
     ("callerid", callerid.check, False),
+    ("stir", stir.check, False),
 )
 
 

@@ -22,6 +22,8 @@ CONFIG_VERSION = f"{PREFIX}:{{cfg}}:version"
 LISTS_VERSION = f"{PREFIX}:{{cfg}}:lists_version"
 AUDIT = f"{PREFIX}:{{audit}}:log"
 STATS = f"{PREFIX}:{{stats}}:counters"
+X5U_MISSES = f"{PREFIX}:{{stir}}:x5u_misses"  # certificate URLs to fetch (bounded list)
+X5U_MISSES_MAX = 1000
 
 DECISION_SEQ = f"{PREFIX}:{{dec}}:seq"
 DECISION_BUCKETS = 4

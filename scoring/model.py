@@ -46,7 +46,7 @@ class CallAttempt:
     has_identity: bool = False
     has_alert_info: bool = False
     has_sdp: bool = False
-    identity: str = ""  # raw Identity header (RFC 8224), bounded to 4 KB
+    identity: str = ""  # raw Identity header(s) (RFC 8224), bounded to 4097 characters
     alert_info: str = ""  # raw Alert-Info header(s), bounded
     call_info: str = ""  # raw Call-Info header(s), bounded
 

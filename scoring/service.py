@@ -14,10 +14,11 @@ from collections import Counter
 
 from lists.matcher import ListHit, ListSnapshot
 from scoring.checks.base import Context
-from scoring.config import Config
+from scoring.config import Config, parse_hosts
 from scoring.engine import decide
 from scoring.geo import country_for
 from scoring.model import Action, CallAttempt, Decision, Signals
+from scoring.stir import IdentityHeader, host_allowed
 from scoring.store import RedisUnavailable, Store
 
 log = logging.getLogger("spitwall.service")
@@ -53,12 +54,28 @@ class ScoringService:
         ctx = Context(attempt, signals, self.config, self.lists, country=country, now=t)
         decision = decide(ctx, on_error=self._check_failed)
         self.counters[f"action:{decision.action.value}"] += 1
+        x5u = self._x5u_miss(attempt, decision)
         try:
             self.store.record(attempt, decision, t,
-                              half_life=self.config.get_float("reputation.half_life"))
+                              half_life=self.config.get_float("reputation.half_life"), x5u_miss=x5u)
         except RedisUnavailable:
             self.counters["record_lost"] += 1
         return decision
+
+    def _x5u_miss(self, attempt: CallAttempt, decision: Decision) -> str:
+        """The certificate URL of a PASSporT we could not check because its certificate is
+        not cached (and may be fetched: its host is allow-listed), for the x5u fetcher."""
+        if not attempt.identity:
+            return ""
+        for c in decision.contributions:
+            if c.name == "stir" and c.reason.endswith("certificate not cached"):
+                try:
+                    url = IdentityHeader.parse(attempt.identity.split(",")[0]).passport.header.x5u
+                except ValueError:
+                    return ""
+                hosts = parse_hosts(str(self.config["stir.x5u_hosts"]))
+                return url if host_allowed(url, hosts) else ""
+        return ""
 
     def _disabled(self, now: float) -> Decision:
         """Kill switch on: relay unscored, touch Redis only to poll the config version, at

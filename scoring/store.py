@@ -200,7 +200,7 @@ class Store:
         self._roundtrip([["SCRIPT", "LOAD", s.source] for s in SCRIPTS])
 
     def record(self, attempt: CallAttempt, decision: Decision, now: float | None = None,
-               half_life: float = 3 * 86400.0) -> None:
+               half_life: float = 3 * 86400.0, x5u_miss: str = "") -> None:
         """Store the decision by Call-ID, count it, and let rejects/diverts nudge the caller's
         and source's reputation; deferred (no wait for the replies)."""
         t = time.time() if now is None else now
@@ -215,6 +215,10 @@ class Store:
             kind = decision.action.value  # reject | divert
             commands.append(update_command(caller_rep_key(attempt.caller_key), kind, t, half_life))
             commands.append(update_command(ip_rep_key(attempt.source_ip), kind, t, half_life))
+        if x5u_miss:  # for the out-of-band certificate fetcher; bounded list
+            commands += [["LPUSH", keys.X5U_MISSES, x5u_miss[:500]],
+                         ["LTRIM", keys.X5U_MISSES, "0", str(keys.X5U_MISSES_MAX - 1)],
+                         ["EXPIRE", keys.X5U_MISSES, "3600"]]
         self._defer(commands)
 
     def feedback(self, *, caller_key: str, ip: str, kind: str, half_life: float,

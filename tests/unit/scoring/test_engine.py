@@ -7,6 +7,7 @@ import pytest
 from lists.matcher import ListSnapshot
 from lists.model import ListEntry
 from scoring.checks.base import Context
+from scoring.config import Config
 from scoring.engine import DEFAULT_CHECKS, decide
 from scoring.model import Action, CheckResult, Contribution, Decision, Signals
 from tests.unit.scoring.support import attempt, config, ctx, snapshot
@@ -26,8 +27,21 @@ def boom(_ctx: Context) -> CheckResult:
 # the default checks on a quiet call and on a noisy one
 
 
-def test_quiet_call_relays_with_every_check_listed() -> None:
+def quiet(**overrides: str) -> Config:
+    """Defaults, except that a call without an Identity header adds nothing (by default an
+    unsigned call gets stir.absent_score so that a SHAKEN A call scores below it)."""
+    return config(stir__absent_score="0", **overrides)
+
+
+def test_unsigned_call_carries_the_stir_absent_score_by_default() -> None:
     d = decide(ctx(sig=Signals(ip_rate={10: 1, 300: 1})))
+    assert d.score == pytest.approx(0.25 * 0.4)
+    assert d.reasons() == ["stir: no Identity header"]
+    assert d.action is Action.RELAY
+
+
+def test_quiet_call_relays_with_every_check_listed() -> None:
+    d = decide(ctx(sig=Signals(ip_rate={10: 1, 300: 1}), cfg=quiet()))
     assert d.action is Action.RELAY
     assert d.score == 0.0
     assert d.rule == "score"
@@ -46,7 +60,7 @@ def test_scanner_user_agent_rejects() -> None:
 
 def test_weights_multiply_scores_and_sum() -> None:
     sig = Signals(ip_rate={10: 20.0, 300: 0.0}, distinct_callers=10)
-    d = decide(ctx(sig=sig))
+    d = decide(ctx(sig=sig, cfg=quiet()))
     by = {c.name: c for c in d.contributions}
     assert by["rate_ip"].value == pytest.approx(0.35)
     assert by["distinct_callers"].value == pytest.approx(0.5)
@@ -62,7 +76,7 @@ def test_total_is_capped_at_one() -> None:
 
 
 def test_weight_change_in_config_applies() -> None:
-    cfg = config(weight__scanner="0.2")
+    cfg = quiet(weight__scanner="0.2")
     d = decide(ctx(att=attempt(user_agent="sipvicious"), cfg=cfg))
     assert d.score == pytest.approx(0.2)
     assert d.action is Action.RELAY
@@ -202,7 +216,7 @@ def test_check_returning_out_of_range_score_counts_as_failure() -> None:
 
 def test_redis_unavailable_shared_checks_contribute_zero() -> None:
     sig = Signals(ip_rate={10: 1000.0, 300: 1000.0}, distinct_callers=100, available=False)
-    d = decide(ctx(sig=sig))
+    d = decide(ctx(sig=sig, cfg=quiet()))
     assert d.degraded is True
     assert d.action is Action.RELAY
     assert d.score == 0.0

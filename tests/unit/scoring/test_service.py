@@ -75,6 +75,7 @@ def test_threshold_change_is_picked_up_on_next_score(service: ScoringService,
     assert service.score(a, now=NOW).action is Action.REJECT
     config_admin.set_value(r, "weight.scanner", "0.5", user="test")
     config_admin.set_value(r, "weight.reputation", "0", user="test")  # the reject above
+    config_admin.set_value(r, "weight.stir", "0", user="test")  # unsigned calls add 0.1
     config_admin.set_value(r, "reject_threshold", "0.9", user="test")
     d = service.score(a, now=NOW)
     assert d.score == 0.5
