@@ -35,6 +35,10 @@ def test_hostile_headers_never_crash_or_leak(lab_factory: Any) -> None:
             # absurd Content-Length
             invite(5, r.port, src_port, content_length=b"99999999999"),
             invite(6, r.port, src_port, content_length=b"-5"),
+            # malformed and oversized STIR Identity headers, unparseable numbers
+            invite(8, r.port, src_port, extra=b"Identity: " + b"e30." * 2000 + b";info=<x>\r\n"),
+            invite(9, r.port, src_port, extra=b"Identity: a.b.c;info=<http://x>;alg=none\r\n",
+                   from_hdr=b"<sip:+1+2+3\xd9\xa4@127.0.9.1>;tag=a9"),
             # truncated garbage and an empty datagram
             b"INVITE sip:bob@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP",
             b"\x00\x01\x02" * 100,
@@ -60,6 +64,11 @@ def test_hostile_headers_never_crash_or_leak(lab_factory: Any) -> None:
 
         d = find_decision(client, "bad-1@127.0.9.1")
         assert d is not None and len(d["call"]["from"]) <= 256
+        for n in (8, 9):  # hostile Identity headers count as invalid, never as an error
+            d = find_decision(client, f"bad-{n}@127.0.9.1")
+            assert d is not None, n
+            stir = next(c for c in d["checks"] if c[0] == "stir")
+            assert stir[1] == 1.0 and stir[3].startswith("Identity invalid"), stir
 
         # legitimate calls still go through
         res = run_uac(r.host, r.port, "127.0.9.2", 2, 5, rows(2))
