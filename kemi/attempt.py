@@ -79,4 +79,5 @@ def build_attempt() -> CallAttempt:
         identity=read_pv("$(hdr(Identity)[*])", 4097) if _present("Identity") else "",
         alert_info=read_pv("$hdr(Alert-Info)", 512) if _present("Alert-Info") else "",
         call_info=read_pv("$hdr(Call-Info)", 512) if _present("Call-Info") else "",
+        pass_token=read_pv("$hdr(X-Spitwall-Pass)", 512) if _present("X-Spitwall-Pass") else "",
     )

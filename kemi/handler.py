@@ -280,7 +280,7 @@ class Handler:
         """Callers must not forge the headers that we add for the core."""
         svc = self.service
         name = str(svc.config["score_header"]) if svc is not None else "X-Spitwall-Score"
-        for header in {name, "X-Spitwall-Score"}:
+        for header in {name, "X-Spitwall-Score", "X-Spitwall-Pass"}:
             if header and KSR.hdr.is_present(header) > 0:
                 KSR.hdr.remove(header)
 

@@ -77,11 +77,12 @@ def _when(ts: float | None) -> str:
 # -- config ------------------------------------------------------------------------------
 def cmd_config_show(args: argparse.Namespace) -> int:
     from scoring import config_admin
-    from scoring.config import PARAMS
+    from scoring.config import PARAMS, SECRET_KEYS
     from scoring.geo import database_status
 
     cfg, raw = config_admin.show(client(args))
-    rows = {k: {"value": cfg[k], "default": p.default, "set": k in raw, "help": p.help}
+    rows = {k: {"value": "(secret, set)" if k in SECRET_KEYS and cfg[k] else cfg[k],
+                "default": p.default, "set": k in raw, "help": p.help}
             for k, p in PARAMS.items()}
     data = {"version": cfg.version, "config": rows, "errors": list(cfg.errors),
             "geoip": database_status(str(cfg["geoip.database"]))}

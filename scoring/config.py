@@ -144,6 +144,16 @@ def _hosts(text: str) -> str:
     return ",".join(parse_hosts(text))
 
 
+def _secret(text: str) -> str:
+    t = text.strip()
+    if t and (len(t) < 16 or len(t) > 256 or not t.isprintable()):
+        raise ValueError("expected 16-256 printable characters (or empty to switch tokens off)")
+    return t
+
+
+SECRET_KEYS = ("media.token_key",)
+
+
 def _http_url(text: str) -> str:
     t = text.strip()
     if t and (not re.fullmatch(r"https?://[^\s<>\"]{1,500}", t)):
@@ -202,6 +212,16 @@ def _params() -> dict[str, Param]:
               validator=_abs_path),
         Param("geoip.country_scores", "str", "", "per-country scores, e.g. 'KP:1,XX:0.5'",
               validator=_country_scores),
+        Param("media.token_key", "str", "",
+              "HMAC key shared by proxy and answering machine for pass tokens (>= 16 chars)",
+              validator=_secret),
+        Param("media.token_ttl", "int", 60, "seconds a pass token is valid", 5, 3600),
+        Param("media.captcha", "choice", "unsure", "DTMF CAPTCHA: off, on unsure verdicts, always",
+              choices=("off", "unsure", "always")),
+        Param("media.max_call_seconds", "int", 90, "answering machine session limit", 10, 3600),
+        Param("media.record_seconds", "int", 30, "longest message recorded", 5, 600),
+        Param("media.queue_max_items", "int", 10000, "spam + voicemail queue bound (oldest go)",
+              10, 10_000_000),
         Param("ring_hijack.strip", "bool", True,
               "remove caller-supplied Alert-Info and ring-tone Call-Info from untrusted calls"),
     ]

@@ -49,6 +49,7 @@ class CallAttempt:
     identity: str = ""  # raw Identity header(s) (RFC 8224), bounded to 4097 characters
     alert_info: str = ""  # raw Alert-Info header(s), bounded
     call_info: str = ""  # raw Call-Info header(s), bounded
+    pass_token: str = ""  # X-Spitwall-Pass from the answering machine's REFER, bounded
 
     @property
     def caller_key(self) -> str:

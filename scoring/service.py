@@ -13,11 +13,12 @@ import time
 from collections import Counter
 
 from lists.matcher import ListHit, ListSnapshot
+from scoring import passtoken
 from scoring.checks.base import Context
 from scoring.config import Config, parse_hosts
 from scoring.engine import decide
 from scoring.geo import country_for
-from scoring.model import Action, CallAttempt, Decision, Signals
+from scoring.model import Action, CallAttempt, Contribution, Decision, Signals
 from scoring.stir import IdentityHeader, host_allowed
 from scoring.store import RedisUnavailable, Store
 
@@ -52,7 +53,7 @@ class ScoringService:
             self._refresh(signals)
         country = country_for(self.config, attempt.source_ip)
         ctx = Context(attempt, signals, self.config, self.lists, country=country, now=t)
-        decision = decide(ctx, on_error=self._check_failed)
+        decision = self._pass(attempt, t) or decide(ctx, on_error=self._check_failed)
         self.counters[f"action:{decision.action.value}"] += 1
         x5u = self._x5u_miss(attempt, decision)
         try:
@@ -61,6 +62,22 @@ class ScoringService:
         except RedisUnavailable:
             self.counters["record_lost"] += 1
         return decision
+
+    def _pass(self, attempt: CallAttempt, now: float) -> Decision | None:
+        """A caller the answering machine judged human comes back with a pass token: relay
+        without scoring (so it is not diverted again)."""
+        if not attempt.pass_token:
+            return None
+        try:
+            passtoken.verify(str(self.config["media.token_key"]), attempt.pass_token,
+                             caller=attempt.caller_key, callee=attempt.ruri_user, now=now)
+        except ValueError as exc:
+            self.counters["pass_token_refused"] += 1
+            log.info("pass token refused: %s", exc)
+            return None
+        self.counters["pass_token_accepted"] += 1
+        return Decision(Action.RELAY, 0.0, (Contribution("pass", 0.0, 1.0,
+                        "pass token from the answering machine"),), rule="pass")
 
     def _x5u_miss(self, attempt: CallAttempt, decision: Decision) -> str:
         """The certificate URL of a PASSporT we could not check because its certificate is
