@@ -300,6 +300,69 @@ def cmd_stir_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _queue(args: argparse.Namespace) -> Any:
+    from media.queue import MessageQueue
+
+    return MessageQueue(client(args), os.environ.get("SPITWALL_QUEUE_DIR", ".lab/queue"))
+
+
+def _msg_json(m: Any) -> dict[str, Any]:
+    return {"id": m.id, "queue": m.queue, **m.meta}
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    msgs = list(_queue(args).list(args.queue, limit=args.limit))
+    data = [_msg_json(m) for m in msgs]
+
+    def text() -> str:
+        return "\n".join(
+            f"{m.id:22} {m.queue:9} {_when(m.meta.get('ts')):21} {m.meta.get('seconds', 0):5.1f}s "
+            f"{str(m.meta.get('caller', ''))[:28]:28} -> {str(m.meta.get('callee', ''))[:20]:20} "
+            f"{m.meta.get('verdict', ''):6} {m.meta.get('mark', '')}" for m in msgs
+        ) or "the queue is empty"
+
+    emit(args, data, text)
+    return 0
+
+
+def cmd_queue_export(args: argparse.Namespace) -> int:
+    try:
+        out = _queue(args).export(args.id, args.dest)
+    except OSError as exc:
+        raise CliError(f"cannot export {args.id}: {exc.strerror or exc}") from None
+    emit(args, {"exported": str(out)}, lambda: f"exported {args.id} to {out}")
+    return 0
+
+
+def cmd_queue_play(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    msg = _queue(args).get(args.id)
+    player = shutil.which("play") or shutil.which("aplay")
+    if player is None:
+        raise CliError(f"no audio player (sox 'play' or 'aplay'); the file is {msg.path}")
+    rc = subprocess.run([player, "-q", str(msg.path)], check=False).returncode
+    if rc != 0:
+        raise CliError(f"{player} failed (exit {rc}); the file is {msg.path}")
+    return 0
+
+
+def cmd_queue_mark(args: argparse.Namespace) -> int:
+    from scoring import config_admin, reputation
+
+    q = _queue(args)
+    msg = q.mark(args.id, args.verdict)
+    cfg, _raw = config_admin.show(q.client)
+    caller, ip = str(msg.meta.get("caller_key", "")), str(msg.meta.get("source_ip", ""))
+    if caller or ip:
+        reputation.apply_feedback(q.client, caller=caller, ip=ip,
+                                  kind="report_spam" if args.verdict == "spam" else "report_ok",
+                                  half_life=cfg.get_float("reputation.half_life"))
+    emit(args, _msg_json(msg), lambda: f"marked {args.id} as {args.verdict}")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from scoring import keys
 
@@ -385,6 +448,26 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS")
     sf.add_argument("--timeout", type=_positive, default=2.0, metavar="SECONDS")
     sf.set_defaults(func=cmd_stir_fetch)
+
+    qp = sub.add_parser("queue", help="spam voicemail and voicemail queues")
+    qsub: Any = qp.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    qsub.required = True
+    ql = qsub.add_parser("list", parents=[common], help="newest messages first")
+    ql.add_argument("queue", nargs="?", choices=("spam", "voicemail"))
+    ql.add_argument("--limit", type=int, default=50)
+    ql.set_defaults(func=cmd_queue_list)
+    qe = qsub.add_parser("export", parents=[common], help="copy a message's WAV")
+    qe.add_argument("id")
+    qe.add_argument("dest", metavar="FILE-OR-DIR")
+    qe.set_defaults(func=cmd_queue_export)
+    qy = qsub.add_parser("play", parents=[common], help="play a message (sox 'play')")
+    qy.add_argument("id")
+    qy.set_defaults(func=cmd_queue_play)
+    qm = qsub.add_parser("mark", parents=[common],
+                         help="operator verdict: spam or ham (feeds reputation)")
+    qm.add_argument("id")
+    qm.add_argument("verdict", choices=("spam", "ham"))
+    qm.set_defaults(func=cmd_queue_mark)
 
     st = sub.add_parser("stats", parents=[common], help="decision counters")
     st.set_defaults(func=cmd_stats)
