@@ -11,9 +11,14 @@ the machine hits both modes alike.
 Per round it measures:
 
 * completed calls per second: calls SIPp completed / wall time of the round. The UACs run closed
-  loop (``-l``: at most ``--concurrency`` calls in flight, a new call as soon as one ends) with a
-  target rate (``--rate``) far above what the proxy sustains, so the CPUs, not the offered load,
-  are the limit (the ``busy`` column shows it; the SIPp processes share the same CPUs);
+  loop (``-l``: at most ``--concurrency-off``/``--concurrency-on`` calls in flight, a new call as
+  soon as one ends) with a target rate (``--rate``) far above what the proxy sustains, so the
+  CPUs, not the offered load, are the limit (the ``busy`` column shows it; the SIPp processes
+  share the same CPUs). Each call rings 200 ms at the UAS, so a mode saturates once its calls in
+  flight exceed ~0.2 s x its capacity; the rest queue in Kamailio's socket. That queue must stay
+  well under 500 ms (SIP T1), or tm retransmits INVITEs to the UAS, whose scenario aborts such
+  calls: hence fewer calls in flight with scoring on (capacity ~1,500/s here, 500 in flight =
+  ~0.15 s of queue) than off (~4,000/s, 1,200 in flight);
 * CPU time per call of every Kamailio process (the main pid and its children, from
   /proc/<pid>/stat), of redis-server and of the SIPp processes: on a noisy, shared machine the
   Kamailio CPU time per call is the more robust capacity measure;
@@ -23,9 +28,10 @@ Per round it measures:
 
 Setup, once, before the rounds (all through the normal interfaces):
 
-* every ramp (``*.soft``/``*.hard``) is raised out of reach with ``config set``, so the benchmark
-  traffic takes the full scoring path (every check runs against Redis) and is relayed with
-  score 0. Nothing is allow-listed;
+* every check's weight is set to 0.001 with ``config set`` (``weight.*``), so the benchmark
+  traffic takes the full scoring path (every check runs, against Redis where it needs it) and
+  is relayed: 1,000 calls/s from 4 addresses would otherwise be rejected as a campaign.
+  Nothing is allow-listed;
 * the distinct-caller/-callee HyperLogLogs of each source IP are pre-filled (current and
   previous window), the steady state of a busy source (see ``prefill_sources``);
 * Kamailio gets a larger shared memory pool and UDP receive buffer, SIPp larger buffers and no
@@ -44,6 +50,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -74,24 +81,22 @@ from ops.sipp import (  # noqa: E402
     write_injection,
 )
 from scoring import config_admin, keys  # noqa: E402
+from scoring.config import PARAMS  # noqa: E402
 
-#: Ramps raised out of reach so that the benchmark traffic scores 0 (relayed) after every check
-#: ran. (stem, soft, hard); hard is set first so that soft < hard holds at every step.
-NEUTRAL_RAMPS = (
-    "rate_ip.short", "rate_ip.long",
-    "rate_caller.short", "rate_caller.long",
-    "rate_callee.short", "rate_callee.long",
-    "distinct_callers", "sweep",
-)  # fmt: skip
-NEUTRAL_SOFT, NEUTRAL_HARD = "100000000", "1000000000"
+#: The weight every check gets for the benchmark: small enough that the sum of all checks stays
+#: far below the divert threshold (calls are relayed), not zero, so that no check can be skipped
+#: as weightless: every check still runs, against Redis where it needs Redis.
+BENCH_WEIGHT = "0.001"
 
 #: Commands the store sends itself on the request path (the rest of commandstats comes from
 #: inside observe.lua / record.lua, or from config reloads).
 CLIENT_COMMANDS = ("evalsha", "mget", "hincrby")
-#: Commands the Lua scripts run (Redis 7 counts them in commandstats too).
-SCRIPT_COMMANDS = (
-    "incr", "expire", "get", "pfadd", "pfcount", "lpush", "ltrim", "lrange", "hset", "del",
-)  # fmt: skip
+#: Commands the Lua scripts run (Redis 7 counts them in commandstats too), read from the scripts.
+SCRIPT_COMMANDS = frozenset(
+    name.lower()
+    for path in sorted((REPO_ROOT / "scoring" / "lua").glob("*.lua"))
+    for name in re.findall(r"redis\.call\(\s*['\"](\w+)['\"]", path.read_text())
+)
 #: What our own two monitoring commands add between two snapshots (see redis_snapshot).
 OWN_COMMANDS = {"info": 1, "hgetall": 1}
 OWN_READS = 2
@@ -123,6 +128,7 @@ class RoundResult:
     kamailio_cpu_util: float  # Kamailio CPU seconds per wall second (2.0 = two full cores)
     sipp_cpu_ms_per_call: float  # the UACs and the UAS together
     machine_busy: float  # fraction of all CPUs busy during the round (every process)
+    others_cores: float  # CPUs used by processes not ours (other work on the machine: noise)
     invites: int  # INVITEs the UACs sent (one per call; retransmissions are absorbed by tm)
     invites_scored: int  # decisions the store recorded (0 with enabled=false: nothing recorded)
     actions: dict[str, int]
@@ -142,7 +148,8 @@ class Settings:
     calls: int
     rounds: int
     rate: float
-    concurrency: int
+    concurrency_off: int
+    concurrency_on: int
     sources: int
     children: int
     warmup: int
@@ -230,12 +237,13 @@ def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
-def neutralise_scores(client: redis.Redis) -> None:
-    """Raise every ramp out of reach: all checks run, none scores (calls are relayed)."""
-    for stem in NEUTRAL_RAMPS:
-        config_admin.set_value(client, f"{stem}.hard", NEUTRAL_HARD, user="bench")
-        config_admin.set_value(client, f"{stem}.soft", NEUTRAL_SOFT, user="bench")
-    config_admin.set_value(client, "sweep.sequential_min", "100", user="bench")
+def neutralise_scores(client: redis.Redis) -> list[str]:
+    """Give every check (every ``weight.*`` knob the config has) a tiny weight: all checks run,
+    the total stays far below the divert threshold, the calls are relayed. Returns the keys."""
+    names = sorted(k for k in PARAMS if k.startswith("weight."))
+    for name in names:
+        config_admin.set_value(client, name, BENCH_WEIGHT, user="bench")
+    return names
 
 
 def prefill_sources(client: redis.Redis, sources: Sequence[str], members: int = PREFILL) -> None:
@@ -446,7 +454,8 @@ class Bench:
         self.kamailio_pids = [main_pid, *_children_of(main_pid)]
         self.redis_pid = st.pids["redis"]
         self.client = redis.Redis.from_url(st.redis_url, socket_timeout=10)
-        neutralise_scores(self.client)
+        weights = neutralise_scores(self.client)
+        self.log(f"config: {', '.join(weights)} = {BENCH_WEIGHT} (every check runs, calls relay)")
         prefill_sources(self.client, self.sources)
 
     def close(self) -> None:
@@ -472,9 +481,10 @@ class Bench:
         )
 
     def run_calls(
-        self, tag: str, calls: int
+        self, tag: str, calls: int, mode: str
     ) -> tuple[float, list[dict[str, str]], list[int | None]]:
         """Place ``calls`` calls; return (wall seconds, sipp stats per UAC, exit codes)."""
+        concurrency = self.s.concurrency_on if mode == "on" else self.s.concurrency_off
         assert self.lab_state is not None
         fleet = UacFleet()
         self.fleet = fleet
@@ -482,7 +492,7 @@ class Bench:
             start = time.monotonic()
             stat_files = fleet.start(
                 self.workdir / tag, (self.lab_state.sip_addr, self.lab_state.sip_port),
-                self.sources, calls, self.s.rate, self.s.concurrency, self.s.timeout,
+                self.sources, calls, self.s.rate, concurrency, self.s.timeout,
                 self.s.rcvbuf, not self.s.retrans,
             )  # fmt: skip
             codes = fleet.wait(self.s.timeout + 10)
@@ -501,17 +511,19 @@ class Bench:
         # that every child reloads the config (one extra round trip) outside the measurement.
         time.sleep(MODE_SWITCH_WAIT)
         if self.s.warmup:
-            self.run_calls(f"r{index}-warmup", self.s.warmup)
+            self.run_calls(f"r{index}-warmup", self.s.warmup, mode)
         time.sleep(0.3)
         cmd0, reads0, writes0, counters0 = redis_snapshot(self.client)
         assert self.uas is not None
         busy0, total0 = machine_ticks()
         sipp0 = children_cpu_seconds() + cpu_seconds([self.uas.pid])
         kam0, red0 = cpu_seconds(self.kamailio_pids), cpu_seconds([self.redis_pid])
-        wall, stats, codes = self.run_calls(f"r{index}-{mode}", self.s.calls)
+        wall, stats, codes = self.run_calls(f"r{index}-{mode}", self.s.calls, mode)
         kam1, red1 = cpu_seconds(self.kamailio_pids), cpu_seconds([self.redis_pid])
         sipp1 = children_cpu_seconds() + cpu_seconds([self.uas.pid])
         busy1, total1 = machine_ticks()
+        ours = (kam1 - kam0) + (red1 - red0) + (sipp1 - sipp0)
+        others = (busy1 - busy0) / CLK_TCK - ours
         time.sleep(0.3)  # deferred writes of the last calls reach Redis
         cmd1, reads1, writes1, counters1 = redis_snapshot(self.client)
         ok = sum(_stat_int(st, "SuccessfulCall(C)") for st in stats)
@@ -535,6 +547,7 @@ class Bench:
             kamailio_cpu_util=round((kam1 - kam0) / wall, 2) if wall > 0 else 0.0,
             sipp_cpu_ms_per_call=round(1000 * (sipp1 - sipp0) / done, 3),
             machine_busy=round((busy1 - busy0) / max(total1 - total0, 1), 3),
+            others_cores=round(max(0.0, others) / wall, 2) if wall > 0 else 0.0,
             invites=ok + failed, invites_scored=sum(actions.values()), actions=actions,
             commands=commands,
             redis_reads=reads1 - reads0 - OWN_READS, redis_writes=writes1 - writes0 - OWN_WRITES,
@@ -546,7 +559,7 @@ class Bench:
         results: list[RoundResult] = []
         # Warm the whole path (scripts loaded, Python imports done, config read) first.
         self.set_mode("on")
-        self.run_calls("warmup", max(self.s.warmup, 200))
+        self.run_calls("warmup", max(self.s.warmup, 200), "on")
         index = 0
         for pair in range(self.s.rounds):
             order = ("off", "on") if pair % 2 == 0 else ("on", "off")
@@ -564,19 +577,20 @@ class Bench:
 HEADER = (
     f"{'round':>5} {'mode':<4} {'calls':>6} {'fail':>4} {'retr':>4} {'wall s':>6} "
     f"{'calls/s':>7} {'call ms':>7} {'kam ms/call':>11} {'kam cores':>9} {'redis ms/call':>13} "
-    f"{'sipp ms/call':>12} {'busy':>4} {'cmds/INV':>8} {'reads/INV':>9}"
+    f"{'sipp ms/call':>12} {'busy':>4} {'others':>6} {'evalsha/INV':>11} {'reads/INV':>9}"
 )
 
 
 def _row(r: RoundResult) -> str:
     inv = r.invites or 1
-    top = sum(r.commands.get(c, 0) for c in CLIENT_COMMANDS) / inv
+    evalsha = r.commands.get("evalsha", 0) / inv
     return (
         f"{r.index:>5} {r.mode:<4} {r.calls:>6} {r.failed:>4} {r.retransmissions:>4} "
         f"{r.wall_s:>6.2f} {r.cps:>7.0f} {r.call_length_ms:>7.0f} "
         f"{r.kamailio_cpu_ms_per_call:>11.3f} {r.kamailio_cpu_util:>9.2f} "
         f"{r.redis_cpu_ms_per_call:>13.3f} {r.sipp_cpu_ms_per_call:>12.3f} "
-        f"{r.machine_busy:>4.0%} {top:>8.2f} {r.redis_reads / inv:>9.2f}"
+        f"{r.machine_busy:>4.0%} {r.others_cores:>6.2f} {evalsha:>11.2f} "
+        f"{r.redis_reads / inv:>9.2f}"
     )
 
 
@@ -623,6 +637,9 @@ def summarise(results: Sequence[RoundResult], settings: Settings) -> dict[str, A
     summary["ratio_cpu"] = (
         round(off["median_kamailio_cpu_ms_per_call"] / on_cpu, 3) if on_cpu else None
     )
+    proxy_off = off["median_kamailio_cpu_ms_per_call"] + off["median_redis_cpu_ms_per_call"]
+    proxy_on = on["median_kamailio_cpu_ms_per_call"] + on["median_redis_cpu_ms_per_call"]
+    summary["ratio_cpu_with_redis"] = round(proxy_off / proxy_on, 3) if proxy_on else None
     cpi = on["commands_per_invite"]
     # Each observe pipeline carries exactly one MGET, and nothing else on the request path
     # sends MGET: MGETs per INVITE = awaited round trips per INVITE (plus rare config reloads).
@@ -653,7 +670,7 @@ def notes(results: Sequence[RoundResult]) -> list[str]:
         if r.machine_busy < SATURATED:
             out.append(
                 f"{where}: CPUs only {r.machine_busy:.0%} busy: calls/s was limited by "
-                "the offered load (raise --concurrency), not by the machine"
+                f"the offered load (raise --concurrency-{r.mode}), not by the machine"
             )
     return out
 
@@ -680,9 +697,9 @@ def code_version() -> dict[str, Any]:
             )
         except (OSError, subprocess.SubprocessError):
             return ""
-        return out.stdout.strip()
+        return out.stdout.rstrip("\n")
 
-    commit = git("rev-parse", "--short", "HEAD")
+    commit = git("rev-parse", "--short", "HEAD").strip()
     if not commit:
         return {"root": str(REPO_ROOT), "commit": None, "dirty": []}
     dirty = git("status", "--porcelain", "--", "kemi", "scoring", "lists", "ops", "kamailio.cfg")
@@ -719,7 +736,8 @@ def render(summary: dict[str, Any], results: Sequence[RoundResult]) -> str:
         f"machine: {m['nproc']} CPUs, {m['cpu']}, Linux {m['kernel']}",
         f"code: {code['root']} ({version})",
         f"settings: {s['calls']} calls/round, {s['rounds']} rounds per mode, target "
-        f"{s['rate']:g} calls/s, at most {s['concurrency']} calls in flight, "
+        f"{s['rate']:g} calls/s, at most {s['concurrency_off']} (off) / {s['concurrency_on']} "
+        "(on) calls in flight, "
         f"{s['sources']} source IPs, {s['children']} Kamailio children",
         "",
         HEADER,
@@ -743,17 +761,19 @@ def render(summary: dict[str, Any], results: Sequence[RoundResult]) -> str:
         f"{'decisions':<26}{_fmt_actions(off['actions']):>16}{_fmt_actions(on['actions']):>16}"
     )
     lines.append("")
-    lines.append("Redis commands per INVITE (INFO commandstats delta / INVITEs sent)")
+    lines.append(
+        "Redis commands per INVITE (INFO commandstats delta / INVITEs sent; store = sent by "
+        "scoring/store.py, in Lua = run by its scripts, both = either)"
+    )
     names = sorted(
         set(off["commands_per_invite"]) | set(on["commands_per_invite"]),
         key=lambda n: (n not in CLIENT_COMMANDS, n),
     )
     for name in names:
-        origin = (
-            "client"
-            if name in CLIENT_COMMANDS
-            else ("in Lua" if name in SCRIPT_COMMANDS else "other")
-        )
+        if name in CLIENT_COMMANDS:
+            origin = "both" if name in SCRIPT_COMMANDS else "store"
+        else:
+            origin = "in Lua" if name in SCRIPT_COMMANDS else "other"
         lines.append(
             f"  {name:<12} {origin:<7}{off['commands_per_invite'].get(name, 0):>13.3f}"
             f"{on['commands_per_invite'].get(name, 0):>16.3f}"
@@ -772,9 +792,9 @@ def render(summary: dict[str, Any], results: Sequence[RoundResult]) -> str:
     lines.append("")
     lines.extend(f"note: {n}" for n in summary["notes"])
     lines.append(
-        f"ratio calls/s on/off: {_fmt(summary['ratio_cps'])}   "
-        f"ratio Kamailio CPU per call off/on: {_fmt(summary['ratio_cpu'])}   "
-        f"(goal >= 0.8)"
+        f"capacity ratios on/off (goal >= 0.8): calls/s {_fmt(summary['ratio_cps'])}, "
+        f"Kamailio CPU per call {_fmt(summary['ratio_cpu'])}, "
+        f"Kamailio + Redis CPU per call {_fmt(summary['ratio_cpu_with_redis'])}"
     )
     return "\n".join(lines)
 
@@ -812,10 +832,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="target calls/s offered, summed over the UACs (8000)",
     )
     p.add_argument(
-        "--concurrency",
+        "--concurrency-off",
         type=_positive,
-        default=1000,
-        help="calls in flight at most, summed over the UACs (1000)",
+        default=1200,
+        help="calls in flight at most with enabled=false, summed over the UACs (1200)",
+    )
+    p.add_argument(
+        "--concurrency-on",
+        type=_positive,
+        default=500,
+        help="calls in flight at most with enabled=true, summed over the UACs (500)",
     )
     p.add_argument("--sources", type=_positive, default=4, help="source IPs 127.0.2.N (4)")
     p.add_argument("--children", type=_positive, default=4, help="Kamailio UDP children (4)")
@@ -860,7 +886,8 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings(
-        calls=args.calls, rounds=args.rounds, rate=args.rate, concurrency=args.concurrency,
+        calls=args.calls, rounds=args.rounds, rate=args.rate,
+        concurrency_off=args.concurrency_off, concurrency_on=args.concurrency_on,
         sources=args.sources, children=args.children, warmup=max(0, args.warmup),
         timeout=args.timeout, shm_mb=args.shm, rcvbuf=args.rcvbuf, retrans=args.retrans,
     )  # fmt: skip
@@ -876,6 +903,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
 
+    # Ctrl-C and SIGTERM both unwind through the ``finally`` that stops every process (also
+    # when we were started with SIGINT ignored, as background jobs of a script are).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     keep = args.workdir is not None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="spitwall-bench-")).resolve()
