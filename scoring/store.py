@@ -124,7 +124,7 @@ class Store:
         try:
             conn = self._connection()
             self._drain(conn)
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command([pack(commands)])
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -140,7 +140,7 @@ class Store:
         """Send commands without waiting for their replies (read before the next request)."""
         try:
             conn = self._connection()
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command([pack(commands)])
             self._pending += len(commands)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._mark_down(exc)
@@ -280,6 +280,21 @@ class Store:
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._mark_down(exc)
             raise RedisUnavailable(str(exc)) from exc
+
+
+def pack(commands: Sequence[Sequence[Any]]) -> bytes:
+    """RESP-encode commands (str, bytes or int arguments) into one buffer.
+
+    Written by hand because redis-py's general packer costs more CPU per INVITE than the rest of
+    the store; our arguments are always str, bytes or int, which this handles directly.
+    """
+    out: list[bytes] = []
+    for cmd in commands:
+        out.append(b"*%d\r\n" % len(cmd))
+        for arg in cmd:
+            b = arg if isinstance(arg, bytes) else str(arg).encode("utf-8", "surrogateescape")
+            out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
 
 
 def last_caller_key(callee_user: str) -> str:

@@ -238,7 +238,12 @@ def check(ctx: Context) -> CheckResult:
     callers = [(label, n) for label, n in (("From", from_n), ("PAI", pai_n)) if n is not None]
     if not callers:
         return CheckResult(name, 0.0)  # a named caller: nothing to judge, callee not parsed
-    callee = callee_party(ctx.attempt, region)
+    # Parsing costs tens of microseconds: parse the callee only when it can equal a caller or
+    # share its leading national digits, i.e. when those digits occur in the callee at all.
+    callee_digits = "".join(ch for ch in (ctx.attempt.ruri_user or ctx.attempt.to_user)[:64]
+                            if ch.isascii() and ch.isdigit())
+    related = any(n.nsn and n.nsn[:shared_digits] in callee_digits for _, n in callers)
+    callee = callee_party(ctx.attempt, region) if related else None
 
     found: list[tuple[float, str, str]] = []  # (score, reason, short tag)
 
