@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 typecheck: setup
-	$(VENV)/bin/mypy kemi scoring lists ops
+	$(VENV)/bin/mypy kemi scoring lists ops media
 
 bench: setup
 	$(VPY) bench/load.py

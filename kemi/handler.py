@@ -280,7 +280,7 @@ class Handler:
         """Callers must not forge the headers that we add for the core."""
         svc = self.service
         name = str(svc.config["score_header"]) if svc is not None else "X-Spitwall-Score"
-        for header in {name, "X-Spitwall-Score", "X-Spitwall-Pass"}:
+        for header in {name, "X-Spitwall-Score", "X-Spitwall-Pass", "X-Spitwall-Source"}:
             if header and KSR.hdr.is_present(header) > 0:
                 KSR.hdr.remove(header)
 
@@ -382,6 +382,8 @@ class Handler:
                 f"Diversion: <{orig}>;reason=unknown;counter=1;"
                 f"spitwall-score={decision.score:.2f}\r\n"
             )
+            # the answering machine learns the caller's real source (for reputation)
+            KSR.hdr.append(f"X-Spitwall-Source: {attempt.source_ip}\r\n")
             KSR.pv.sets("$ru", self.media_uri)
             KSR.pv.unset("$du")
             return 2

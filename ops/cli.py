@@ -363,6 +363,15 @@ def cmd_queue_mark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_media(args: argparse.Namespace) -> int:
+    from media.server import main as media_main
+
+    rest = list(args.rest)
+    if getattr(args, "redis", None) and "--redis" not in rest:
+        rest = ["--redis", args.redis, *rest]
+    return media_main(rest)
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from scoring import keys
 
@@ -468,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     qm.add_argument("id")
     qm.add_argument("verdict", choices=("spam", "ham"))
     qm.set_defaults(func=cmd_queue_mark)
+
+    md = sub.add_parser("media", help="run the phase-2 answering machine (foreground)",
+                        add_help=False)
+    md.add_argument("rest", nargs=argparse.REMAINDER)
+    md.set_defaults(func=cmd_media)
 
     st = sub.add_parser("stats", parents=[common], help="decision counters")
     st.set_defaults(func=cmd_stats)

@@ -137,6 +137,28 @@ class ExtraService:
 EXTRA_SERVICES: list[ExtraService] = []
 
 
+def _media_port(state: LabState) -> int:
+    return int(state.media_uri.rsplit(":", 1)[1].split(";", 1)[0])
+
+
+def _media_argv(state: LabState) -> list[str]:
+    work = Path(state.workdir)
+    return [sys.executable, "-m", "media.server", "--redis", state.redis_url,
+            "--sip-addr", state.sip_addr, "--sip-port", str(_media_port(state)),
+            "--queue-dir", str(work / "queue"), "--prompts-dir", str(work / "prompts")]
+
+
+#: The phase-2 answering machine (`spitwall media`), on the MEDIA_URI port Kamailio diverts to.
+#: The first start synthesises the prompts with espeak-ng, hence the longer timeout.
+EXTRA_SERVICES.append(ExtraService(
+    name="media",
+    argv=_media_argv,
+    ready=lambda st: sip_options_ping(st.sip_addr, _media_port(st), 0.5) == 200,
+    expect=lambda st: ["media.server", str(_media_port(st))],
+    timeout=90.0,
+))
+
+
 @dataclass
 class ServiceStatus:
     """One row of ``lab status``. ``answering`` is None when the service cannot be probed."""

@@ -1,0 +1,298 @@
+"""The phase-2 answering machine: SIP UAS + media sessions + outcomes (`spitwall media`).
+
+Kamailio diverts suspicious calls here. For each call: answer (PCMU/PCMA), run the hidden
+Turing test and, as configured, the DTMF CAPTCHA (`media.session`), then act on the verdict:
+- bot: keep recording the caller's message (up to `media.record_seconds`), put it in the spam
+  queue with caller, callee, time, phase-1 score, phase-2 features and verdict, feed the `bot`
+  verdict into the caller's and source's reputation, hang up;
+- human: feed `human` into reputation and REFER the caller to the original callee with a pass
+  token (`scoring.passtoken`) that the proxy accepts, so the new INVITE skips phase 2; when the
+  REFER is refused or the transfer fails, record a voicemail for the callee instead;
+- unsure (no CAPTCHA): record a voicemail, no reputation change.
+Everything runs on one asyncio loop; blocking work (Redis, files) goes to threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import redis
+
+from media.queue import MessageQueue, QueueFull
+from media.sdp import SessionDescription, answer_for
+from media.session import CallSession, Outcome, Prompts, RtpChannel, SessionConfig
+from media.sip import NameAddr, ServerCall, SipUas, UasConfig
+from scoring import config_admin, passtoken, reputation
+from scoring.config import Config
+from scoring.model import caller_identity
+
+log = logging.getLogger("spitwall.media")
+
+
+@dataclass
+class CallInfo:
+    """Who called whom, as the proxy told us on the diverted INVITE."""
+
+    caller_uri: str
+    caller_key: str
+    callee_user: str
+    callee_host: str
+    source_ip: str
+    phase1_score: float | None
+
+    @classmethod
+    def from_call(cls, call: ServerCall) -> CallInfo:
+        inv = call.invite
+        frm = inv.from_addr.sip_uri
+        div = inv.get("Diversion")
+        callee_user, callee_host, score = "", "", None
+        if div:
+            try:
+                na = NameAddr.parse(div.split(",")[0])
+                u = na.sip_uri
+                callee_user, callee_host = u.user or "", u.host
+                raw = na.param("spitwall-score")
+                score = float(raw) if raw else None
+            except ValueError:
+                pass
+        src = (inv.get("X-Spitwall-Source") or "").strip()[:64]
+        return cls(str(inv.from_addr.uri)[:256], caller_identity(frm.user or "", frm.host),
+                   callee_user[:64], callee_host[:128], src, score)
+
+
+@dataclass
+class Settings:
+    sip_addr: str = "127.0.0.1"
+    sip_port: int = 5090
+    queue_dir: Path = Path(".lab/queue")
+    prompts_dir: Path = Path(".lab/prompts")
+    max_calls: int = 150
+    transfer_timeout: float = 10.0
+
+
+@dataclass
+class Stats:
+    calls: int = 0
+    verdicts: dict[str, int] = field(default_factory=dict)
+    queued: int = 0
+    queue_failures: int = 0
+    transfers: int = 0
+
+
+class AnsweringMachine:
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.s = settings
+        self.client = client
+        self.queue = MessageQueue(client, settings.queue_dir)
+        self.prompts = Prompts.load(settings.prompts_dir)
+        self.config = Config.defaults()
+        self.stats = Stats()
+        self.uas = SipUas(self._on_invite, config=UasConfig(max_calls=settings.max_calls,
+                                                            overload_status=486))
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.queue.clean_partial()
+        await self._reload_config()
+        await self.uas.start(self.s.sip_addr, self.s.sip_port)
+        self._spawn(self._config_loop())
+        log.info("answering machine on %s:%d", self.s.sip_addr, self.s.sip_port)
+
+    async def _reload_config(self) -> None:
+        try:
+            cfg, _raw = await asyncio.to_thread(config_admin.show, self.client)
+            self.config = cfg
+        except redis.RedisError as exc:
+            log.warning("config reload failed (keeping the last one): %s", exc)
+
+    async def _config_loop(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            await self._reload_config()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_invite(self, call: ServerCall) -> None:
+        self.stats.calls += 1
+        self._spawn(self._handle(call))
+
+    async def _handle(self, call: ServerCall) -> None:
+        channel: RtpChannel | None = None
+        try:
+            offer_text = call.sdp_offer
+            if not offer_text:
+                call.reject(488, "Not Acceptable Here")
+                return
+            try:
+                offer = SessionDescription.parse(offer_text)
+                audio = next(m for m in offer.media if m.media == "audio" and m.port)
+                remote_ip = audio.connection_address or ""
+            except (ValueError, StopIteration):
+                call.reject(488, "Not Acceptable Here")
+                return
+            loop = asyncio.get_running_loop()
+            call.ringing()
+            await self._reload_config()  # phase 2 is not latency-bound: always the live config
+            # bind the RTP socket first: the answer must carry its port
+            _t, proto = await loop.create_datagram_endpoint(
+                lambda: RtpChannel(_PENDING_CODEC, (remote_ip, audio.port)),
+                local_addr=(self.s.sip_addr, 0))
+            channel = proto
+            port = _t.get_extra_info("sockname")[1]
+            try:
+                answer, codec = answer_for(offer, self.s.sip_addr, port,
+                                           session_id=secrets.randbits(31))
+            except ValueError:
+                call.reject(488, "Not Acceptable Here")
+                return
+            channel.set_codec(codec)
+            acked = asyncio.Event()
+            call.on_ack = lambda _c: acked.set()
+            call.set_time_limit(float(self.config["media.max_call_seconds"]))
+            if not call.answer(answer):
+                return
+            try:
+                await asyncio.wait_for(acked.wait(), 32.0)
+            except TimeoutError:
+                return
+            info = CallInfo.from_call(call)
+            session = CallSession(channel, self.prompts, SessionConfig(
+                captcha=str(self.config["media.captcha"]),
+                record_seconds=int(self.config["media.record_seconds"])))
+            call.on_bye = lambda _c: session.hangup.set()
+            call.on_end = lambda _c, _r: session.hangup.set()
+            outcome = await session.run()
+            await self._conclude(call, session, outcome, info)
+        except Exception:
+            log.exception("call %s failed", call.call_id)
+        finally:
+            if channel is not None:
+                channel.close()
+            if call.active:
+                call.bye()
+
+    async def _conclude(self, call: ServerCall, session: CallSession, outcome: Outcome,
+                        info: CallInfo) -> None:
+        kind = outcome.kind
+        self.stats.verdicts[kind] = self.stats.verdicts.get(kind, 0) + 1
+        meta = {"caller": info.caller_uri, "caller_key": info.caller_key,
+                "callee": info.callee_user, "source_ip": info.source_ip,
+                "phase1_score": info.phase1_score, "verdict": kind,
+                "confidence": outcome.verdict.confidence, "captcha": outcome.captcha,
+                "features": outcome.verdict.features, "call_id": call.call_id[:256]}
+        if kind == "bot":
+            await self._feedback(info, "bot")
+            remaining = float(self.config["media.record_seconds"]) - len(session.recording) / 16000
+            if remaining > 0 and not session.hangup.is_set():
+                await session.record(remaining, beep=False)
+            await self._store("spam", session.recording, meta)
+            return
+        if kind == "human":
+            await self._feedback(info, "human")
+            if await self._transfer(call, info):
+                return
+            meta["transfer"] = "failed"
+        await session.record(float(self.config["media.record_seconds"]))
+        await self._store("voicemail", session.recording, meta)
+
+    async def _transfer(self, call: ServerCall, info: CallInfo) -> bool:
+        key = str(self.config["media.token_key"])
+        if not key or not info.callee_user or not info.callee_host:
+            return False
+        token = passtoken.issue(key, info.caller_key, info.callee_user,
+                                float(self.config["media.token_ttl"]))
+        target = f"sip:{quote(info.callee_user, safe='+')}@{info.callee_host}" \
+                 f"?X-Spitwall-Pass={quote(token, safe='')}"
+        try:
+            status = await asyncio.wait_for(call.refer(target), self.s.transfer_timeout)
+            if not 200 <= status < 300 or call.transfer is None:
+                return False
+            final = await asyncio.wait_for(call.transfer, self.s.transfer_timeout)
+        except (TimeoutError, ValueError):
+            return False
+        ok = 200 <= final < 300
+        if ok:
+            self.stats.transfers += 1
+        return ok
+
+    async def _feedback(self, info: CallInfo, kind: str) -> None:
+        try:
+            await asyncio.to_thread(
+                reputation.apply_feedback, self.client, caller=info.caller_key,
+                ip=info.source_ip, kind=kind,
+                half_life=self.config.get_float("reputation.half_life"))
+        except (redis.RedisError, ValueError) as exc:
+            log.warning("reputation feedback lost: %s", exc)
+
+    async def _store(self, queue: str, pcm: bytearray, meta: dict[str, Any]) -> None:
+        try:
+            await asyncio.to_thread(self.queue.store, queue, bytes(pcm), meta)
+            self.stats.queued += 1
+        except (QueueFull, OSError, redis.RedisError) as exc:
+            self.stats.queue_failures += 1
+            log.error("message not queued: %s", exc)
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        self.uas.close()
+
+
+class _PendingCodec:
+    """Stand-in until the SDP answer fixes the codec (no packet is decoded before that)."""
+
+    payload_type = -1
+    name = "pending"
+    dtmf_pt = None
+    g711_type = None
+
+
+_PENDING_CODEC: Any = _PendingCodec()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="spitwall media", description="phase-2 answering machine")
+    p.add_argument("--redis", default=os.environ.get("SPITWALL_REDIS",
+                                                     "redis://127.0.0.1:6379/0"))
+    p.add_argument("--sip-addr", default="127.0.0.1")
+    p.add_argument("--sip-port", type=int, default=5090)
+    p.add_argument("--queue-dir", type=Path, default=Path(".lab/queue"))
+    p.add_argument("--prompts-dir", type=Path, default=Path(".lab/prompts"))
+    p.add_argument("--max-calls", type=int, default=150)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = Settings(args.sip_addr, args.sip_port, args.queue_dir, args.prompts_dir,
+                        args.max_calls)
+    client = redis.Redis.from_url(args.redis, socket_timeout=2, socket_connect_timeout=2)
+
+    async def run() -> None:
+        am = AnsweringMachine(settings, client)
+        await am.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await am.close()
+
+    started = time.monotonic()
+    asyncio.run(run())
+    log.info("answering machine stopped after %.0f s", time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

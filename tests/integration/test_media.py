@@ -1,0 +1,100 @@
+"""Phase 2 through the real proxy: Kamailio diverts to the answering machine (`spitwall media`,
+started by the lab), SIPp callers stream audio generated at test time with espeak-ng + sox."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import wave
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from ops.sipp import SIPP_DIR, free_udp_port, sipp_binary, write_injection
+from scoring.reputation import read
+from tests.integration.helpers import spitwall
+
+pytestmark = pytest.mark.integration
+
+BOT_TEXT = ("Congratulations! You have been selected for a free cruise to the Bahamas. "
+            "Press one now to claim your prize before this offer expires.")
+
+
+def ulaw_wav(text: str, path: Path) -> Path:
+    raw = path.with_suffix(".raw.wav")
+    subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True)
+    subprocess.run(["sox", str(raw), "-r", "8000", "-c", "1", "-e", "u-law", str(path)],
+                   check=True, capture_output=True)
+    return path
+
+
+def call(lab: Any, tmp: Path, src_ip: str, caller: str, wav: Path | None,
+         loop: int = -1) -> subprocess.CompletedProcess[str]:
+    """One SIPp call through the proxy that streams `wav` (or nothing) until the far end
+    hangs up."""
+    xml = (SIPP_DIR / "uac_rtp.xml").read_text()
+    if wav is None:
+        start = xml.index("  <nop>")
+        xml = xml[:start] + xml[xml.index("</nop>", start) + len("</nop>\n"):]
+    else:
+        xml = xml.replace("@WAV@", str(wav)).replace("@LOOP@", str(loop))
+    scenario = tmp / f"uac_rtp_{caller}.xml"
+    scenario.write_text(xml)
+    inf = write_injection(tmp / f"{caller}.csv", [(caller, "15551230000", "Caller", "x/1")])
+    st = lab.state
+    cmd = [sipp_binary(), f"{st.sip_addr}:{st.sip_port}", "-sf", str(scenario), "-inf",
+           str(inf), "-i", src_ip, "-p", str(free_udp_port(src_ip)), "-mi", src_ip,
+           "-mp", str(free_udp_port(src_ip, also_plus=(2,))), "-m", "1", "-nostdin",
+           "-timeout", "90", "-timeout_error"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp,
+                          check=False)
+
+
+def queue(url: str) -> list[dict[str, Any]]:
+    out = spitwall("queue", "list", "--json", redis_url=url)
+    assert out.returncode == 0, out.stderr
+    data: list[dict[str, Any]] = json.loads(out.stdout)
+    return data
+
+
+@pytest.fixture
+def am_lab(lab_factory: Any) -> Any:
+    lab = lab_factory()
+    url = lab.state.redis_url
+    for k, v in (("divert_threshold", "0"), ("reject_threshold", "0.99"),
+                 ("media.record_seconds", "5")):
+        assert spitwall("config", "set", k, v, redis_url=url).returncode == 0
+    return lab
+
+
+def test_bot_talking_from_the_first_packet_ends_in_the_spam_queue(am_lab: Any,
+                                                                   tmp_path: Path) -> None:
+    wav = ulaw_wav(BOT_TEXT, tmp_path / "bot.wav")
+    res = call(am_lab, tmp_path, "127.0.21.1", "promo1", wav)
+    assert res.returncode == 0, res.stdout[-1500:]
+    url = am_lab.state.redis_url
+    items = queue(url)
+    assert [i["queue"] for i in items] == ["spam"], items
+    msg = items[0]
+    assert msg["verdict"] == "bot" and msg["caller_key"] == "promo1@127.0.21.1"
+    assert msg["callee"] == "15551230000" and msg["source_ip"] == "127.0.21.1"
+    assert msg["features"]["onset_ms"] < 500
+    with wave.open(msg["path"]) as w:
+        assert w.getframerate() == 8000 and w.getnframes() >= 8000 * 4  # the message
+    rep = read(redis.Redis.from_url(url), caller="promo1@127.0.21.1", ip="127.0.21.1",
+               half_life=3 * 86400)
+    assert rep["caller"]["score"] >= 0.5 and rep["ip"]["score"] >= 0.5
+
+
+def test_silent_caller_without_captcha_leaves_a_voicemail(am_lab: Any, tmp_path: Path) -> None:
+    url = am_lab.state.redis_url
+    assert spitwall("config", "set", "media.captcha", "off", redis_url=url).returncode == 0
+    res = call(am_lab, tmp_path, "127.0.21.2", "quiet1", None)
+    assert res.returncode == 0, res.stdout[-1500:]
+    items = queue(url)
+    assert [i["queue"] for i in items] == ["voicemail"], items
+    assert items[0]["verdict"] == "unsure" and items[0]["features"]["no_rtp"] == 1.0
+    rep = read(redis.Redis.from_url(url), caller="quiet1@127.0.21.2", half_life=3 * 86400)
+    assert rep["caller"]["score"] < 0.05  # only the divert nudge; "unsure" changes nothing
