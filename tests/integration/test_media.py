@@ -98,3 +98,33 @@ def test_silent_caller_without_captcha_leaves_a_voicemail(am_lab: Any, tmp_path:
     assert items[0]["verdict"] == "unsure" and items[0]["features"]["no_rtp"] == 1.0
     rep = read(redis.Redis.from_url(url), caller="quiet1@127.0.21.2", half_life=3 * 86400)
     assert rep["caller"]["score"] < 0.05  # only the divert nudge; "unsure" changes nothing
+
+
+def test_hello_then_answer_after_the_beep_is_judged_human(am_lab: Any, tmp_path: Path) -> None:
+    """A person who says "hello?" at pickup, listens, and speaks after the beep passes. With no
+    token key there is no transfer, so the call ends as a voicemail with the verdict human."""
+    prompts = Path(am_lab.state.workdir) / "prompts"
+    with wave.open(str(prompts / "greeting.wav")) as w:
+        greet_s = w.getnframes() / w.getframerate()
+    with wave.open(str(prompts / "beep.wav")) as w:
+        beep_s = w.getnframes() / w.getframerate()
+    hello = ulaw_wav("Hello?", tmp_path / "hello.wav")
+    answer = ulaw_wav("Hi, this is Alice. I am calling about dinner on Friday.",
+                      tmp_path / "answer.wav")
+    person = tmp_path / "person.wav"
+    subprocess.run(["sox", str(hello), "-e", "signed-integer", "-b", "16", str(tmp_path / "a.wav"),
+                    "pad", "0.3", "0"], check=True)
+    subprocess.run(["sox", str(answer), "-e", "signed-integer", "-b", "16",
+                    str(tmp_path / "b.wav")], check=True)
+    gap = greet_s + beep_s + 0.5
+    subprocess.run(["sox", str(tmp_path / "a.wav"), str(tmp_path / "a_pad.wav"), "pad", "0",
+                    f"{gap:.2f}", "trim", "0", f"{gap:.2f}"], check=True)
+    subprocess.run(["sox", str(tmp_path / "a_pad.wav"), str(tmp_path / "b.wav"), "-r", "8000",
+                    "-c", "1", "-e", "u-law", str(person)], check=True)
+    res = call(am_lab, tmp_path, "127.0.21.3", "alice", person, loop=1)
+    assert res.returncode == 0, res.stdout[-1500:]
+    items = queue(am_lab.state.redis_url)
+    assert len(items) == 1, items
+    assert items[0]["verdict"] == "human", json.dumps(items[0]["features"])
+    assert items[0]["queue"] == "voicemail"
+    assert items[0]["features"]["hellos"] >= 1
