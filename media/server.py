@@ -53,12 +53,16 @@ class CallInfo:
     @classmethod
     def from_call(cls, call: ServerCall) -> CallInfo:
         inv = call.invite
-        frm = inv.from_addr.sip_uri
-        div = inv.get("Diversion")
+        try:
+            frm = inv.from_addr.sip_uri
+            user, host = frm.user or "", frm.host
+        except ValueError:  # a scheme we cannot read: still a caller, with no identity
+            user, host = "", ""
+        divs = inv.values("Diversion")
         callee_user, callee_host, score = "", "", None
-        if div:
+        if divs:
             try:
-                na = NameAddr.parse(div.split(",")[0])
+                na = NameAddr.parse(divs[0])
                 u = na.sip_uri
                 callee_user, callee_host = u.user or "", u.host
                 raw = na.param("spitwall-score")
@@ -66,7 +70,7 @@ class CallInfo:
             except ValueError:
                 pass
         src = (inv.get("X-Spitwall-Source") or "").strip()[:64]
-        return cls(str(inv.from_addr.uri)[:256], caller_identity(frm.user or "", frm.host),
+        return cls(str(inv.get("From") or "")[:256], caller_identity(user, host),
                    callee_user[:64], callee_host[:128], src, score)
 
 
@@ -144,7 +148,7 @@ class AnsweringMachine:
                 call.reject(488, "Not Acceptable Here")
                 return
             loop = asyncio.get_running_loop()
-            call.ringing()
+            # no 180: through a multi-worker proxy it can overtake the 200 and confuse callers
             await self._reload_config()  # phase 2 is not latency-bound: always the live config
             # bind the RTP socket first: the answer must carry its port
             _t, proto = await loop.create_datagram_endpoint(
@@ -161,12 +165,12 @@ class AnsweringMachine:
             channel.set_codec(codec)
             acked = asyncio.Event()
             call.on_ack = lambda _c: acked.set()
+            call.on_end = lambda _c, _r: acked.set()  # caller gone or no ACK: stop waiting
             call.set_time_limit(float(self.config["media.max_call_seconds"]))
             if not call.answer(answer):
                 return
-            try:
-                await asyncio.wait_for(acked.wait(), 32.0)
-            except TimeoutError:
+            await acked.wait()
+            if not call.active or call.ack is None:
                 return
             info = CallInfo.from_call(call)
             session = CallSession(channel, self.prompts, SessionConfig(
