@@ -209,6 +209,9 @@ class AnsweringMachine:
             if await self._transfer(call, info):
                 return
             meta["transfer"] = "failed"
+        if session.hangup.is_set() and not session.recording:
+            self.stats.verdicts["abandoned"] = self.stats.verdicts.get("abandoned", 0) + 1
+            return  # the caller left before saying anything: nothing to keep
         await session.record(float(self.config["media.record_seconds"]))
         await self._store("voicemail", session.recording, meta)
 
