@@ -78,6 +78,7 @@ from ops.sipp import (  # noqa: E402
     free_udp_port,
     sipp_binary,
     start_uas,
+    stop_popen,
     write_injection,
 )
 from scoring import config_admin, keys  # noqa: E402
@@ -345,22 +346,8 @@ class UacFleet:
 
     def stop(self) -> None:
         for proc in self.procs:
-            _stop_popen(proc)
+            stop_popen(proc)
         self.procs = []
-
-
-def _stop_popen(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL, this one pid (started by us); always reaped."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace)
 
 
 def read_sipp_stats(path: Path) -> dict[str, str]:

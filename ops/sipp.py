@@ -73,6 +73,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from media.sip import canonical_name
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = REPO_ROOT / "tests"
 SIPP_DIR = TESTS_DIR / "sipp"
@@ -88,18 +90,6 @@ _SEPARATOR_RE = re.compile(r"^-{47}(?: (?P<ts>.*))?$", re.MULTILINE)
 _DIRECTION_RE = re.compile(r"^(?P<transport>\w+) message (?P<dir>sent|received)\b")
 _OUTCOME_RE = re.compile(r"OUTCOME (?P<cid>\S+) invite=(?P<inv>\S*) bye=(?P<bye>\S*)")
 
-_COMPACT = {
-    "i": "call-id",
-    "m": "contact",
-    "e": "content-encoding",
-    "l": "content-length",
-    "c": "content-type",
-    "f": "from",
-    "s": "subject",
-    "k": "supported",
-    "t": "to",
-    "v": "via",
-}
 
 _SVWAR_SHIM = (
     "import os, sys\n"
@@ -169,7 +159,7 @@ def free_udp_port(ip: str, *, also_plus: Sequence[int] = ()) -> int:
     raise RuntimeError(f"no free UDP port found on {ip}")
 
 
-def _stop_pid(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+def stop_popen(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     """Stop one process we started, by its pid: SIGTERM, then SIGKILL; always reaped."""
     if proc.poll() is not None:
         return
@@ -207,7 +197,7 @@ def _run_foreground(
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            _stop_pid(proc)
+            stop_popen(proc)
     rc = None if timed_out else proc.returncode
     return (
         rc,
@@ -292,12 +282,8 @@ class SipMessage:
 
     def headers(self, name: str) -> list[str]:
         """Values of every header called ``name`` (case-insensitive, compact forms too)."""
-        want = _COMPACT.get(name.lower(), name.lower())
-        return [
-            value
-            for hname, value in self.header_items
-            if _COMPACT.get(hname.lower(), hname.lower()) == want
-        ]
+        want = canonical_name(name)
+        return [value for hname, value in self.header_items if canonical_name(hname) == want]
 
     def header(self, name: str) -> str | None:
         """Value of the first header called ``name``, or None."""
@@ -630,7 +616,7 @@ class UasProcess:
 
     def stop(self) -> None:
         """Stop sipp by its pid (idempotent). The logs stay readable until the object dies."""
-        _stop_pid(self.proc)
+        stop_popen(self.proc)
 
     def close(self) -> None:
         """Stop and remove the working directory if we created it."""
