@@ -95,9 +95,11 @@ def _setting(define: str, env: str, default: str) -> str:
     return text
 
 
-def sip_uri(user: str, domain: str) -> str:
-    """A SIP URI safe to place inside <> of a header we add."""
+def sip_uri(user: str, domain: str, port: str = "") -> str:
+    """A SIP URI safe to place inside <> of a header we add (port kept unless default)."""
     host = domain if _HOST_SAFE.match(domain) else "invalid"
+    if port.isdigit() and port not in ("", "5060") and host != "invalid":
+        host = f"{host}:{int(port)}"
     esc = _USER_SAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), user)
     return f"sip:{esc}@{host}" if esc else f"sip:{host}"
 
@@ -377,7 +379,7 @@ class Handler:
             return 0
         self._strip_ring_control(svc, attempt)
         if decision.action is Action.DIVERT and self.media_uri:
-            orig = sip_uri(read_pv("$rU", 128), read_pv("$rd", 128))
+            orig = sip_uri(read_pv("$rU", 128), read_pv("$rd", 128), read_pv("$rp", 8))
             KSR.hdr.append(
                 f"Diversion: <{orig}>;reason=unknown;counter=1;"
                 f"spitwall-score={decision.score:.2f}\r\n"
