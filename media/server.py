@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import secrets
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,8 @@ class CallInfo:
             try:
                 na = NameAddr.parse(divs[0])
                 u = na.sip_uri
-                callee_user, callee_host = u.user or "", u.host
+                callee_user = u.user or ""
+                callee_host = f"{u.host}:{u.port}" if u.port else u.host
                 raw = na.param("spitwall-score")
                 score = float(raw) if raw else None
             except ValueError:
@@ -82,6 +85,10 @@ class Settings:
     prompts_dir: Path = Path(".lab/prompts")
     max_calls: int = 150
     transfer_timeout: float = 10.0
+    #: where to write `AnsweringMachine.snapshot()` as JSON (every `stats_interval` s, on SIGUSR1
+    #: and at exit); None: nowhere
+    stats_file: Path | None = None
+    stats_interval: float = 1.0
 
 
 @dataclass
@@ -93,6 +100,55 @@ class Stats:
     transfers: int = 0
 
 
+class SendJitter:
+    """RTP send lateness (how late each packet left after its 20 ms deadline), bounded memory.
+
+    All packets of all finished calls go into a histogram of 0.1 ms bins (the last bin holds
+    everything from `MAX_MS` on), so percentiles over all packets cost nothing to keep; the
+    last `KEEP_CALLS` calls also keep their own p50/p99/max.
+    """
+
+    BIN_MS = 0.1
+    MAX_MS = 200.0
+    KEEP_CALLS = 1000
+
+    def __init__(self) -> None:
+        self.bins = [0] * (int(self.MAX_MS / self.BIN_MS) + 1)
+        self.packets = 0
+        self.max_ms = 0.0
+        self.calls: deque[dict[str, float]] = deque(maxlen=self.KEEP_CALLS)
+
+    def add_call(self, lateness_s: list[float]) -> None:
+        if not lateness_s:
+            return
+        ms = sorted(x * 1000.0 for x in lateness_s)
+        last = len(self.bins) - 1
+        for v in ms:
+            self.bins[min(last, int(v / self.BIN_MS))] += 1
+        self.packets += len(ms)
+        self.max_ms = max(self.max_ms, ms[-1])
+        self.calls.append({"packets": len(ms), "p50_ms": round(ms[len(ms) // 2], 3),
+                           "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3),
+                           "max_ms": round(ms[-1], 3)})
+
+    def percentile(self, q: float) -> float | None:
+        """Upper edge of the bin holding the q-quantile (ms), None before any packet."""
+        if not self.packets:
+            return None
+        rank = max(1, int(q * self.packets + 0.999999))
+        seen = 0
+        for i, n in enumerate(self.bins):
+            seen += n
+            if seen >= rank:
+                return min(round((i + 1) * self.BIN_MS, 3), round(self.max_ms, 3))
+        return round(self.max_ms, 3)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"packets": self.packets, "calls": len(self.calls),
+                "p50_ms": self.percentile(0.5), "p99_ms": self.percentile(0.99),
+                "max_ms": round(self.max_ms, 3), "per_call": list(self.calls)}
+
+
 class AnsweringMachine:
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self.s = settings
@@ -101,15 +157,21 @@ class AnsweringMachine:
         self.prompts = Prompts.load(settings.prompts_dir)
         self.config = Config.defaults()
         self.stats = Stats()
+        self.send_jitter = SendJitter()
         self.uas = SipUas(self._on_invite, config=UasConfig(max_calls=settings.max_calls,
                                                             overload_status=486))
         self._tasks: set[asyncio.Task[None]] = set()
+        self._background = 0  # tasks in _tasks that are not calls
 
     async def start(self) -> None:
         self.queue.clean_partial()
         await self._reload_config()
         await self.uas.start(self.s.sip_addr, self.s.sip_port)
         self._spawn(self._config_loop())
+        self._background += 1
+        if self.s.stats_file is not None:
+            self._spawn(self._stats_loop())
+            self._background += 1
         log.info("answering machine on %s:%d", self.s.sip_addr, self.s.sip_port)
 
     async def _reload_config(self) -> None:
@@ -124,6 +186,30 @@ class AnsweringMachine:
             await asyncio.sleep(2.0)
             await self._reload_config()
 
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for operators and benchmarks (JSON-ready)."""
+        st = self.stats
+        return {"time": time.time(), "active_calls": len(self._tasks) - self._background,
+                "calls": st.calls, "verdicts": dict(st.verdicts), "queued": st.queued,
+                "queue_failures": st.queue_failures, "transfers": st.transfers,
+                "sip": self.uas.stats.as_dict(), "send_lateness": self.send_jitter.as_dict()}
+
+    def write_stats(self) -> None:
+        path = self.s.stats_file
+        if path is None:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.snapshot()))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("stats not written to %s: %s", path, exc)
+
+    async def _stats_loop(self) -> None:
+        while True:
+            self.write_stats()
+            await asyncio.sleep(self.s.stats_interval)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -135,6 +221,7 @@ class AnsweringMachine:
 
     async def _handle(self, call: ServerCall) -> None:
         channel: RtpChannel | None = None
+        session: CallSession | None = None
         try:
             offer_text = call.sdp_offer
             if not offer_text:
@@ -183,6 +270,8 @@ class AnsweringMachine:
         except Exception:
             log.exception("call %s failed", call.call_id)
         finally:
+            if session is not None:
+                self.send_jitter.add_call(session.jitter)
             if channel is not None:
                 channel.close()
             if call.active:
@@ -255,6 +344,7 @@ class AnsweringMachine:
     async def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
+        self.write_stats()
         self.uas.close()
 
 
@@ -279,10 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-dir", type=Path, default=Path(".lab/queue"))
     p.add_argument("--prompts-dir", type=Path, default=Path(".lab/prompts"))
     p.add_argument("--max-calls", type=int, default=150)
+    p.add_argument("--stats-file", type=Path, default=None,
+                   help="write counters and RTP send lateness here as JSON (every second, "
+                        "on SIGUSR1 and at exit)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = Settings(args.sip_addr, args.sip_port, args.queue_dir, args.prompts_dir,
-                        args.max_calls)
+                        args.max_calls, stats_file=args.stats_file)
     client = redis.Redis.from_url(args.redis, socket_timeout=2, socket_connect_timeout=2)
 
     async def run() -> None:
@@ -292,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, am.write_stats)
         await stop.wait()
         await am.close()
 
