@@ -86,6 +86,7 @@ class Signals:
     config_version: int = 0
     lists_version: int = 0
     available: bool = True
+    pass_first_use: bool = False  # this INVITE's pass token had not been used before
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,7 @@ class ScoringService:
             self._refresh(signals)
         country = country_for(self.config, attempt.source_ip)
         ctx = Context(attempt, signals, self.config, self.lists, country=country, now=t)
-        decision = self._pass(attempt, t) or decide(ctx, on_error=self._check_failed)
+        decision = self._pass(attempt, signals, t) or decide(ctx, on_error=self._check_failed)
         self.counters[f"action:{decision.action.value}"] += 1
         x5u = self._x5u_miss(attempt, decision)
         try:
@@ -63,10 +63,15 @@ class ScoringService:
             self.counters["record_lost"] += 1
         return decision
 
-    def _pass(self, attempt: CallAttempt, now: float) -> Decision | None:
+    def _pass(self, attempt: CallAttempt, signals: Signals, now: float) -> Decision | None:
         """A caller the answering machine judged human comes back with a pass token: relay
-        without scoring (so it is not diverted again)."""
+        without scoring (so it is not diverted again). A token counts once (claimed in Redis in
+        the INVITE's round trip); without Redis it cannot be checked and is not honoured."""
         if not attempt.pass_token:
+            return None
+        if not signals.pass_first_use:
+            self.counters["pass_token_refused"] += 1
+            log.info("pass token refused: already used, or Redis unavailable")
             return None
         try:
             passtoken.verify(str(self.config["media.token_key"]), attempt.pass_token,

@@ -173,6 +173,10 @@ class Store:
                       "callee", *head, last, str(LAST_CALLER_TTL)]
         versions = ["MGET", keys.CONFIG_VERSION, keys.LISTS_VERSION]
         commands = [source, per_caller, per_callee, versions]
+        if attempt.pass_token:  # single use: the first INVITE with this token claims it
+            claim = hashlib.sha1(attempt.pass_token.encode("utf-8", "replace")).hexdigest()
+            ttl = str(int(cfg["media.token_ttl"]) + 5)
+            commands.append(["SET", f"{keys.tag('pass', claim)}:used", "1", "NX", "EX", ttl])
         replies = self._roundtrip(commands)
         if any(isinstance(r, NoScriptError) for r in replies):
             self._load_scripts()
@@ -194,6 +198,7 @@ class Store:
             recent_callees=tuple(src[n + 5:]),
             reputation_caller=_f(cal[n]), reputation_caller_t=_f(cal[n + 1]),
             config_version=int(cfg_v or 0), lists_version=int(lists_v or 0),
+            pass_first_use=len(replies) > 4 and replies[4] is not None,
         )
 
     def _load_scripts(self) -> None:
