@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 typecheck: setup
-	$(VENV)/bin/mypy kemi scoring lists ops media
+	$(VENV)/bin/mypy kemi scoring lists ops media intercept
 
 bench: setup
 	$(VPY) bench/load.py

@@ -290,7 +290,7 @@ class AnsweringMachine:
             await self._feedback(info, "bot")
             remaining = float(self.config["media.record_seconds"]) - len(session.recording) / 16000
             if remaining > 0 and not session.hangup.is_set():
-                await session.record(remaining, beep=False)
+                await session.record(remaining, beep=False, fresh=False)
             await self._store("spam", session.recording, meta)
             return
         if kind == "human":

@@ -228,9 +228,18 @@ class CallSession:
         out.digits = got
         out.captcha = "passed" if got == digit else "failed"
 
-    async def record(self, seconds: float, *, beep: bool = True) -> bytearray:
-        """Record the caller (after a beep) until `seconds`, the size bound, or hang-up."""
+    async def record(self, seconds: float, *, beep: bool = True,
+                     fresh: bool = True) -> bytearray:
+        """Record the caller (after a beep) until `seconds`, the size bound, or hang-up.
+
+        `fresh` starts a new message (a voicemail: what was heard during the greeting is not
+        part of it); without it the recording continues the one made since the greeting
+        started (a bot's message that began over the greeting)."""
         loop = asyncio.get_running_loop()
+        if fresh:
+            self.recording = bytearray()
+            while not self.ch.frames.empty():  # frames queued before the beep
+                self.ch.frames.get_nowait()
         if beep:
             await self._play(self.prompts.beep)
         end = loop.time() + seconds

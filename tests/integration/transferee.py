@@ -9,10 +9,12 @@ thread per call paces 20 ms PCMU frames on absolute deadlines and drains what co
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -20,11 +22,12 @@ import numpy as np
 import numpy.typing as npt
 
 from media import g711
-from media.rtp import RtpSender
+from media.rtp import DtmfEvent, RtpPacket, RtpSender
 from media.sip import NameAddr, SipMessage, SipUri
 
 T1 = 0.5
 FRAME = 160
+MAX_KEPT = 6000  # received PCMU payloads an RtpStream keeps (two minutes at 20 ms)
 
 
 def _branch() -> str:
@@ -40,6 +43,12 @@ class RtpStream:
         self.remote: tuple[str, int] | None = None
         self.sender = RtpSender(0)
         self.received = 0
+        #: (sequence, payload) of the PCMU packets received, in arrival order (bounded)
+        self.payloads: deque[tuple[int, bytes]] = deque(maxlen=MAX_KEPT)
+        self._dtmf: deque[list[tuple[bool, DtmfEvent]]] = deque()  # key presses to send
+        self._next_pcm: npt.NDArray[np.int16] | None = None
+        self.dtmf_pt: int | None = None
+        self.dtmf_sent = 0  # telephone-event packets sent
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -52,13 +61,43 @@ class RtpStream:
         if self._thread.is_alive():
             self._thread.join(timeout=2.0)
 
+    def send_dtmf(self, digit: str, pt: int, duration: int = 800) -> None:
+        """Queue one RFC 4733 key press on payload type `pt`: updates every 20 ms with the
+        event's start timestamp (marker on the first), then the end packet three times. The
+        audio pauses while it is sent; the stream's timestamp keeps running."""
+        self.dtmf_pt = pt
+        steps = list(range(FRAME, duration, FRAME)) or [duration]
+        packets = [(i == 0, DtmfEvent.from_digit(digit, duration=d)) for i, d in enumerate(steps)]
+        packets += [(False, DtmfEvent.from_digit(digit, end=True, duration=duration))] * 3
+        self._dtmf.append(packets)
+
+    def play(self, pcm: npt.NDArray[np.int16]) -> None:
+        """Send `pcm` next (then silence), instead of what is left of the current audio."""
+        self._next_pcm = pcm
+
     def _drain(self) -> None:
         while True:
             try:
-                self.sock.recv(2048)
+                data = self.sock.recv(2048)
             except (BlockingIOError, TimeoutError, OSError):
                 return
             self.received += 1
+            try:
+                pkt = RtpPacket.parse(data)
+            except ValueError:
+                continue
+            if pkt.payload_type == 0:
+                self.payloads.append((pkt.sequence, pkt.payload))
+
+    def _send_event(self, packets: list[tuple[bool, DtmfEvent]], start_ts: int) -> None:
+        assert self.remote is not None and self.dtmf_pt is not None
+        marker, event = packets.pop(0)
+        pkt = RtpPacket(self.dtmf_pt, self.sender.sequence, start_ts, self.sender.ssrc,
+                        event.serialize(), marker=marker)
+        with contextlib.suppress(OSError):
+            self.sock.sendto(pkt.serialize(), self.remote)
+        self.sender.sequence = (self.sender.sequence + 1) % (1 << 16)
+        self.dtmf_sent += 1
 
     def _run(self) -> None:
         assert self.remote is not None
@@ -70,12 +109,27 @@ class RtpStream:
         quiet = g711.ulaw_encode(np.zeros(FRAME, dtype=np.int16))
         t = time.monotonic()
         i = 0
+        event: list[tuple[bool, DtmfEvent]] = []
+        event_ts = 0
         while not self._stop.is_set():
-            payload = encoded[i * FRAME:(i + 1) * FRAME] if i < n else quiet
-            with contextlib.suppress(OSError):
-                self.sock.sendto(self.sender.next_packet(payload), self.remote)
+            if self._next_pcm is not None:
+                pcm, self._next_pcm = self._next_pcm, None
+                n = (len(pcm) + FRAME - 1) // FRAME
+                padded = np.zeros(n * FRAME, dtype=np.int16)
+                padded[: len(pcm)] = pcm
+                encoded = g711.ulaw_encode(padded)
+                i = 0
+            if not event and self._dtmf:
+                event, event_ts = self._dtmf.popleft(), self.sender.timestamp
+            if event:
+                self._send_event(event, event_ts)
+                self.sender.timestamp = (self.sender.timestamp + FRAME) % (1 << 32)
+            else:
+                payload = encoded[i * FRAME:(i + 1) * FRAME] if i < n else quiet
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(self.sender.next_packet(payload), self.remote)
+                i += 1
             self._drain()
-            i += 1
             t += 0.02
             delay = t - time.monotonic()
             if delay > 0:
@@ -96,6 +150,7 @@ class Dialog:
     invite_status: int = 0
     ended: bool = False
     rtp: RtpStream | None = None
+    dtmf_pt: int | None = None  # the telephone-event payload type of the 200's SDP
 
 
 class Transferee:
@@ -226,15 +281,23 @@ class Transferee:
 
     # ------------------------------------------------------------------ calls
 
-    def _sdp(self, rtp_port: int) -> str:
+    def _sdp(self, rtp_port: int, dtmf_pt: int | None = None) -> str:
         sid = secrets.randbelow(10**9)
+        fmts, dtmf = "0", ""
+        if dtmf_pt is not None:
+            fmts = f"0 {dtmf_pt}"
+            dtmf = f"a=rtpmap:{dtmf_pt} telephone-event/8000\r\na=fmtp:{dtmf_pt} 0-15\r\n"
         return (f"v=0\r\no=- {sid} {sid} IN IP4 {self.ip}\r\ns=-\r\nc=IN IP4 {self.ip}\r\n"
-                f"t=0 0\r\nm=audio {rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
-                "a=ptime:20\r\na=sendrecv\r\n")
+                f"t=0 0\r\nm=audio {rtp_port} RTP/AVP {fmts}\r\na=rtpmap:0 PCMU/8000\r\n"
+                f"{dtmf}a=ptime:20\r\na=sendrecv\r\n")
 
     def invite(self, ruri: str, *, extra: list[tuple[str, str]] | None = None,
-               pcm: npt.NDArray[np.int16] | None = None, timeout: float = 15.0) -> Dialog:
-        """INVITE `ruri` through the proxy; on 200, ACK (loose routing) and start RTP."""
+               pcm: npt.NDArray[np.int16] | None = None, timeout: float = 15.0,
+               dtmf_pt: int | None = None) -> Dialog:
+        """INVITE `ruri` through the proxy; on 200, ACK (loose routing) and start RTP.
+
+        With `dtmf_pt`, the offer also lists telephone-event on that payload type; the one
+        the 200's SDP agreed on ends up in `Dialog.dtmf_pt`."""
         rtp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         rtp_sock.bind((self.ip, 0))
         self._rtp_socks.append(rtp_sock)
@@ -249,7 +312,8 @@ class Transferee:
                    ("Call-ID", call_id), ("CSeq", "1 INVITE"), ("Contact", self.contact),
                    ("User-Agent", "spitwall-test-transferee"), *(extra or []),
                    ("Content-Type", "application/sdp")]
-        req = SipMessage.request("INVITE", ruri, headers, self._sdp(rtp_sock.getsockname()[1]))
+        req = SipMessage.request("INVITE", ruri, headers, self._sdp(rtp_sock.getsockname()[1],
+                                                                     dtmf_pt))
         self.send(req)
         resp = self.wait_response(call_id, "INVITE", timeout, retransmit=req)
         if resp is None:
@@ -267,6 +331,8 @@ class Transferee:
         d.route_set = list(reversed(resp.values("Record-Route")))  # UAC: reversed (12.1.2)
         self._ack(d, 1)
         remote = self._media_address(resp.body)
+        m = re.search(r"^a=rtpmap:(\d+) telephone-event/", resp.body, re.M | re.I)
+        d.dtmf_pt = int(m.group(1)) if m else None
         if pcm is not None and remote is not None:
             d.rtp = RtpStream(rtp_sock, pcm)
             d.rtp.start(remote)
