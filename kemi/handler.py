@@ -145,9 +145,16 @@ class Handler:
         return self.service
 
     def _barrier(self, where: str) -> None:
+        """Log a Python error with its traceback and count it (`spitwall stats`:
+        `kemi_error:<where>`); the caller then lets the call go on unscored."""
         self.errors += 1
         text = traceback.format_exc(limit=6).replace("\n", " | ")
         KSR.err(f"spitwall: error in {where} (call goes on unscored): {clean(text, 1500)}\n")
+        if self.service is not None:
+            try:
+                self.service.store.count(f"kemi_error:{where}")
+            except Exception as exc:  # counting must not raise out of the barrier
+                KSR.err(f"spitwall: could not count the error: {clean(repr(exc), 200)}\n")
 
     # -- routes ------------------------------------------------------------------------
     def ksr_request_route(self, msg: Any) -> int:
