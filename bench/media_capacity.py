@@ -27,7 +27,6 @@ Every process it starts is stopped by pid, also on Ctrl-C or an error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -57,6 +56,7 @@ from ops.sipp import (  # noqa: E402
     free_udp_port,
     parse_message_log,
     sipp_binary,
+    stop_popen,
     write_injection,
 )
 from scoring import config_admin  # noqa: E402
@@ -143,19 +143,6 @@ def bot_wav(workdir: Path) -> Path:
         capture_output=True,
     )
     return wav
-
-
-def stop_popen(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def run_round(name: str, calls: int, max_calls: int, rate: float, wav: Path, base: Path,

@@ -122,8 +122,8 @@ class Handler:
             self._settings()
             if rank >= 0 or rank == -1:  # SIP workers and other forked children
                 self._ensure_service()
-        except Exception:
-            self._barrier("child_init")
+        except Exception as exc:  # logged with traceback and counted
+            self._barrier(exc, "child_init")
         return 0
 
     def _settings(self) -> None:
@@ -144,24 +144,24 @@ class Handler:
             self.service = ScoringService(Store(self.redis_url, timeout=self.timeout))
         return self.service
 
-    def _barrier(self, where: str) -> None:
+    def _barrier(self, exc: Exception, where: str) -> None:
         """Log a Python error with its traceback and count it (`spitwall stats`:
         `kemi_error:<where>`); the caller then lets the call go on unscored."""
         self.errors += 1
-        text = traceback.format_exc(limit=6).replace("\n", " | ")
+        text = "".join(traceback.format_exception(exc, limit=6)).replace("\n", " | ")
         KSR.err(f"spitwall: error in {where} (call goes on unscored): {clean(text, 1500)}\n")
         if self.service is not None:
             try:
                 self.service.store.count(f"kemi_error:{where}")
-            except Exception as exc:  # counting must not raise out of the barrier
-                KSR.err(f"spitwall: could not count the error: {clean(repr(exc), 200)}\n")
+            except Exception as count_exc:  # counting must not raise out of the barrier
+                KSR.err(f"spitwall: could not count the error: {clean(repr(count_exc), 200)}\n")
 
     # -- routes ------------------------------------------------------------------------
     def ksr_request_route(self, msg: Any) -> int:
         try:
             return self._request_route()
-        except Exception:
-            self._barrier("request_route")
+        except Exception as exc:  # logged with traceback and counted
+            self._barrier(exc, "request_route")
             # Last resort: keep the call alive.
             if KSR.tm.t_relay() < 0:
                 KSR.sl.sl_reply_error()
@@ -177,8 +177,8 @@ class Handler:
         try:
             if KSR.tm.t_is_canceled() > 0:
                 return 1
-        except Exception:
-            self._barrier("failure_route")
+        except Exception as exc:  # logged with traceback and counted
+            self._barrier(exc, "failure_route")
         return 1
 
     def ksr_branch_manage(self, msg: Any) -> int:
@@ -345,8 +345,8 @@ class Handler:
             ip = read_pv("$dlg_var(sw_ip)", 64)
             if start > 0 and (caller or ip):
                 self._ensure_service().call_ended(caller, ip, time.time() - start)
-        except Exception:
-            self._barrier("dialog_event")
+        except Exception as exc:  # logged with traceback and counted
+            self._barrier(exc, "dialog_event")
         return 1
 
     # -- scoring -------------------------------------------------------------------------
@@ -359,13 +359,13 @@ class Handler:
             svc = self._ensure_service()
             attempt = build_attempt()
             decision = svc.score(attempt)
-        except Exception:
-            self._barrier("scoring")
+        except Exception as exc:  # logged with traceback and counted
+            self._barrier(exc, "scoring")
             return 1
         try:
             rc = self._apply(decision, svc, attempt)
-        except Exception:
-            self._barrier("apply")
+        except Exception as exc:  # logged with traceback and counted
+            self._barrier(exc, "apply")
             return 1
         if rc and decision.rule != "disabled":
             self._track_dialog(attempt, diverted=(rc == 2))

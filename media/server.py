@@ -98,6 +98,7 @@ class Stats:
     queued: int = 0
     queue_failures: int = 0
     transfers: int = 0
+    call_errors: int = 0
 
 
 class SendJitter:
@@ -267,7 +268,8 @@ class AnsweringMachine:
             call.on_end = lambda _c, _r: session.hangup.set()
             outcome = await session.run()
             await self._conclude(call, session, outcome, info)
-        except Exception:
+        except Exception:  # one call's bug must not stop the server: logged, counted
+            self.stats.call_errors += 1
             log.exception("call %s failed", call.call_id)
         finally:
             if session is not None:

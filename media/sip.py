@@ -1119,7 +1119,7 @@ class ServerCall:
             return
         try:
             callback(self, *args)
-        except Exception:
+        except Exception:  # an application bug must not break the SIP layer: logged, counted
             self._uas.stats.callback_errors += 1
             log.exception("SIP callback %r failed for call %s", callback, self.call_id)
 
@@ -1390,7 +1390,7 @@ class SipUas(asyncio.DatagramProtocol):
         self.stats.datagrams += 1
         try:
             self._receive(data, (str(addr[0]), int(addr[1])))
-        except Exception:
+        except Exception:  # one bad datagram must not stop the server: logged, counted
             self.stats.internal_errors += 1
             log.exception("internal error handling a datagram from %s", addr)
 
@@ -1499,7 +1499,7 @@ class SipUas(asyncio.DatagramProtocol):
         call._limit_timer = self.clock.call_later(cfg.max_call_duration, call._time_limit)
         try:
             self.on_invite(call)
-        except Exception:
+        except Exception:  # logged, counted, and the caller gets a 500
             self.stats.callback_errors += 1
             log.exception("on_invite failed for call %s", call.call_id)
             call.reject(500, "Server Internal Error")

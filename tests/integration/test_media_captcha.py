@@ -54,10 +54,7 @@ def caller(captcha_lab: Any) -> Iterator[Transferee]:
     try:
         yield ua
     finally:
-        for d in ua.dialogs.values():  # leave nothing up in the proxy or the machine
-            if d.invite_status == 200 and not d.ended:
-                ua.bye(d, timeout=3.0)
-        ua.close()
+        ua.hang_up_and_close()
 
 
 def wav_seconds(path: Path) -> float:

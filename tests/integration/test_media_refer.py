@@ -58,10 +58,7 @@ def caller(refer_lab: tuple[Any, UasProcess]) -> Iterator[Transferee]:
     try:
         yield ua
     finally:
-        for d in ua.dialogs.values():  # leave nothing up in the proxy or the machine
-            if d.invite_status == 200 and not d.ended:
-                ua.bye(d, timeout=3.0)
-        ua.close()
+        ua.hang_up_and_close()
 
 
 def explain(lab: Any, call_id: str, timeout: float = 5.0) -> dict[str, Any]:

@@ -174,6 +174,14 @@ class Transferee:
     def contact(self) -> str:
         return f"<sip:{self.user}@{self.ip}:{self.port}>"
 
+    def hang_up_and_close(self, timeout: float = 3.0) -> None:
+        """Test teardown: BYE every answered call still up (nothing left in the proxy or the
+        answering machine), then close."""
+        for d in self.dialogs.values():
+            if d.invite_status == 200 and not d.ended:
+                self.bye(d, timeout=timeout)
+        self.close()
+
     def close(self) -> None:
         for d in self.dialogs.values():
             if d.rtp is not None:
