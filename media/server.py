@@ -193,7 +193,8 @@ class AnsweringMachine:
         return {"time": time.time(), "active_calls": len(self._tasks) - self._background,
                 "calls": st.calls, "verdicts": dict(st.verdicts), "queued": st.queued,
                 "queue_failures": st.queue_failures, "transfers": st.transfers,
-                "sip": self.uas.stats.as_dict(), "send_lateness": self.send_jitter.as_dict()}
+                "call_errors": st.call_errors, "sip": self.uas.stats.as_dict(),
+                "send_lateness": self.send_jitter.as_dict()}
 
     def write_stats(self) -> None:
         path = self.s.stats_file
