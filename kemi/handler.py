@@ -49,7 +49,9 @@ _add_venv(_root())
 
 import KSR  # noqa: E402
 
+from intercept import names as li_names  # noqa: E402
 from kemi.attempt import build_attempt, clean, read_pv  # noqa: E402
+from kemi.tap import KemiTap  # noqa: E402
 from scoring.checks import ring_hijack  # noqa: E402
 from scoring.checks.base import Context  # noqa: E402
 from scoring.model import Action, CallAttempt, Decision, Signals  # noqa: E402
@@ -113,8 +115,10 @@ class Handler:
         self.redis_url = "redis://127.0.0.1:6379/0"
         self.next_hop = ""
         self.media_uri = ""
+        self.deliver_uri = ""
         self.timeout = 0.2
         self.errors = 0
+        self.ktap = KemiTap()
 
     # -- lifecycle ---------------------------------------------------------------------
     def child_init(self, rank: int) -> int:
@@ -132,6 +136,8 @@ class Handler:
         self.next_hop = "" if nh.lower() in ("", "none") else nh
         mu = _setting("MEDIA_URI", "SPITWALL_MEDIA_URI", "")
         self.media_uri = "" if mu.lower() in ("", "none") else mu
+        du = _setting("DELIVER_URI", "SPITWALL_DELIVER_URI", "")
+        self.deliver_uri = "" if du.lower() in ("", "none") else du
         try:
             self.timeout = float(_setting("REDIS_TIMEOUT", "SPITWALL_REDIS_TIMEOUT", "0.2"))
         except ValueError:
@@ -141,7 +147,10 @@ class Handler:
         # Connections are per process: make them after fork, never at import time.
         if self.service is None or self.pid != os.getpid():
             self.pid = os.getpid()
-            self.service = ScoringService(Store(self.redis_url, timeout=self.timeout))
+            store = Store(self.redis_url, timeout=self.timeout)
+            store.watch_keys = (li_names.VERSION,)  # intercept targets' version, same trip
+            self.service = ScoringService(store)
+            self.ktap = KemiTap()
         return self.service
 
     def _barrier(self, exc: Exception, where: str) -> None:
@@ -179,6 +188,23 @@ class Handler:
                 return 1
         except Exception as exc:  # logged with traceback and counted
             self._barrier(exc, "failure_route")
+        return 1
+
+    def ksr_tap_reply(self, msg: Any) -> int:
+        """Per-transaction reply route, armed only for intercept/recording target calls."""
+        try:
+            self.ktap.on_reply(self._ensure_service())
+        except Exception as exc:  # logged with traceback and counted; the reply goes on
+            self._barrier(exc, "tap_reply")
+        return 1
+
+    def ksr_li_timer(self, msg: Any, evname: str = "") -> int:
+        """rtimer process: build, encrypt and queue the intercept events noted by the call
+        path (off the signalling path: a target's call is not slowed down)."""
+        try:
+            self.ktap.drain(self._ensure_service())
+        except Exception as exc:  # logged with traceback and counted; next tick goes on
+            self._barrier(exc, "li_timer")
         return 1
 
     def ksr_branch_manage(self, msg: Any) -> int:
@@ -230,8 +256,21 @@ class Handler:
                 return 1
             self._relay(set_next_hop=(rc == 1))
             return 1
+        if KSR.is_SUBSCRIBE() and self.deliver_uri and self._srtp_subscribe():
+            return 1
         self._relay(set_next_hop=True)
         return 1
+
+    def _srtp_subscribe(self) -> bool:
+        """Recorders SUBSCRIBE to the proxy for the `srtp` event package (key disclosure):
+        hand them to the delivery worker, which authorises them by their real source."""
+        event = read_pv("$hdr(Event)", 64).split(";", 1)[0].strip().lower()
+        if event != "srtp":
+            return False
+        KSR.hdr.append(f"X-Spitwall-Source: {read_pv('$si', 64)}:{read_pv('$sp', 8)}\r\n")
+        KSR.pv.sets("$du", self.deliver_uri)
+        self._relay(set_next_hop=False)
+        return True
 
     def _report_request(self) -> bool:
         """In-call spam reports: a MESSAGE to the report URI ('spam' or 'ok' in the body) or
@@ -268,6 +307,11 @@ class Handler:
 
     def _within_dialog(self) -> int:
         if KSR.rr.loose_route() > 0:
+            if KSR.is_INVITE() or KSR.is_UPDATE() or KSR.is_ACK():
+                try:
+                    self.ktap.on_in_dialog(self._ensure_service())
+                except Exception as exc:  # logged with traceback and counted; call goes on
+                    self._barrier(exc, "tap_in_dialog")
             self._relay(set_next_hop=False)
             return 1
         if KSR.is_ACK():
@@ -338,6 +382,8 @@ class Handler:
         try:
             if evname != "dialog:end":
                 return 1
+            if read_pv("$dlg_var(sw_li)", 8):
+                self.ktap.on_dialog_end(self._ensure_service(), "BYE or dialog timeout")
             if read_pv("$dlg_var(sw_div)", 4) != "0":
                 return 1  # diverted: the answering machine gives its own verdict
             start = int(KSR.pv.get("$dlg(start_ts)") or 0)
@@ -367,8 +413,17 @@ class Handler:
         except Exception as exc:  # logged with traceback and counted
             self._barrier(exc, "apply")
             return 1
-        if rc and decision.rule != "disabled":
+        tapped = False
+        try:
+            tapped = self.ktap.on_invite(svc, attempt, rc, int(svc.config["reject_code"]))
+        except Exception as exc:  # logged with traceback and counted; the call goes on
+            self._barrier(exc, "tap_invite")
+        # With the kill switch on, dialogs are still tracked while intercept targets exist:
+        # for every call alike (a target's call must look like anyone else's).
+        if rc and (decision.rule != "disabled" or self.ktap.active()):
             self._track_dialog(attempt, diverted=(rc == 2))
+            if tapped:
+                self.ktap.track(attempt)
         # For native cfg callers of python_exec: $avp(spitwall_rc) and $avp(spitwall_action).
         KSR.pv.seti("$avp(spitwall_rc)", rc)
         KSR.pv.sets("$avp(spitwall_action)", decision.action.value)

@@ -224,6 +224,9 @@ def _params() -> dict[str, Param]:
               10, 10_000_000),
         Param("ring_hijack.strip", "bool", True,
               "remove caller-supplied Alert-Info and ring-tone Call-Info from untrusted calls"),
+        Param("li.recording_indication", "bool", False,
+              "recording-mode targets only (never intercept): tell both parties the call is "
+              "recorded with a=record:on (RFC 7866) in every SDP of the call"),
     ]
     for check in CHECKS:
         p.append(Param(f"weight.{check}", "float", _DEFAULT_WEIGHTS[check],

@@ -87,6 +87,7 @@ class Signals:
     lists_version: int = 0
     available: bool = True
     pass_first_use: bool = False  # this INVITE's pass token had not been used before
+    watched: tuple[str | None, ...] = ()  # values of `Store.watch_keys`, same order
 
 
 @dataclass(frozen=True, slots=True)

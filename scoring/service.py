@@ -38,6 +38,8 @@ class ScoringService:
         self.lists.version = -1
         self.counters: Counter[str] = Counter()
         self._last_poll = 0.0
+        #: values of `store.watch_keys` from the latest round trip (None: not read yet)
+        self.watched: tuple[str | None, ...] | None = None
 
     def score(self, attempt: CallAttempt, now: float | None = None) -> Decision:
         t = time.time() if now is None else now
@@ -51,6 +53,7 @@ class ScoringService:
             signals = Signals(available=False)
         else:
             self._refresh(signals)
+            self.watched = signals.watched
         country = country_for(self.config, attempt.source_ip)
         ctx = Context(attempt, signals, self.config, self.lists, country=country, now=t)
         decision = self._pass(attempt, signals, t) or decide(ctx, on_error=self._check_failed)
@@ -112,7 +115,7 @@ class ScoringService:
         """Reload config and lists now if their versions changed (one round trip; for rare
         requests such as reports, not for INVITEs, whose script reply carries the versions)."""
         try:
-            cfg_v, lists_v = self.store.versions()
+            cfg_v, lists_v, self.watched = self.store.versions()
         except RedisUnavailable:
             self.counters["redis_unavailable"] += 1
             return

@@ -73,6 +73,10 @@ class Store:
         self._pending = 0
         self._down_until = 0.0
         self.errors = 0
+        #: Extra keys read (GET) in the same round trip as every INVITE's scoring and every
+        #: version poll, e.g. another layer's version counter (the intercept targets): their
+        #: values come back in `Signals.watched`, so that layer needs no round trip of its own.
+        self.watch_keys: tuple[str, ...] = ()
 
     # -- connection management ---------------------------------------------------------
     def _connection(self) -> Any:
@@ -173,6 +177,7 @@ class Store:
                       "callee", *head, last, str(LAST_CALLER_TTL)]
         versions = ["MGET", keys.CONFIG_VERSION, keys.LISTS_VERSION]
         commands = [source, per_caller, per_callee, versions]
+        commands += [["GET", k] for k in self.watch_keys]
         if attempt.pass_token:  # single use: the first INVITE with this token claims it
             claim = hashlib.sha1(attempt.pass_token.encode("utf-8", "replace")).hexdigest()
             ttl = str(int(cfg["media.token_ttl"]) + 5)
@@ -188,6 +193,8 @@ class Store:
         cal = [_s(x) for x in replies[1]]
         cee = [_s(x) for x in replies[2]]
         cfg_v, lists_v = replies[3]
+        nw = len(self.watch_keys)
+        watched = tuple(None if r is None else _s(r) for r in replies[4:4 + nw])
         return Signals(
             ip_rate={w: float(src[i]) for i, w in enumerate(windows)},
             caller_rate={w: float(cal[i]) for i, w in enumerate(windows)},
@@ -198,7 +205,8 @@ class Store:
             recent_callees=tuple(src[n + 5:]),
             reputation_caller=_f(cal[n]), reputation_caller_t=_f(cal[n + 1]),
             config_version=int(cfg_v or 0), lists_version=int(lists_v or 0),
-            pass_first_use=len(replies) > 4 and replies[4] is not None,
+            pass_first_use=len(replies) > 4 + nw and replies[4 + nw] is not None,
+            watched=watched,
         )
 
     def _load_scripts(self) -> None:
@@ -253,13 +261,30 @@ class Store:
     def count(self, field: str, n: int = 1) -> None:
         self._defer([["HINCRBY", keys.STATS, field, str(n)]])
 
-    def versions(self) -> tuple[int, int]:
-        """Config and lists versions (used while the kill switch is on)."""
-        (reply,) = self._roundtrip([["MGET", keys.CONFIG_VERSION, keys.LISTS_VERSION]])
+    def versions(self) -> tuple[int, int, tuple[str | None, ...]]:
+        """Config and lists versions and the watched keys (polled while the kill switch is on
+        and before rare requests)."""
+        replies = self._roundtrip([["MGET", keys.CONFIG_VERSION, keys.LISTS_VERSION],
+                                   *[["GET", k] for k in self.watch_keys]])
+        for r in replies:
+            if isinstance(r, Exception):
+                raise RedisUnavailable(str(r))
+        cfg_v, lists_v = replies[0]
+        watched = tuple(None if r is None else _s(r) for r in replies[1:])
+        return int(cfg_v or 0), int(lists_v or 0), watched
+
+    def fetch_hash(self, key: str) -> dict[bytes, bytes]:
+        """HGETALL of one key (for state reloaded only when its version changed)."""
+        (reply,) = self._roundtrip([["HGETALL", key]])
         if isinstance(reply, Exception):
             raise RedisUnavailable(str(reply))
-        cfg_v, lists_v = reply
-        return int(cfg_v or 0), int(lists_v or 0)
+        if isinstance(reply, dict):
+            return dict(reply)
+        return dict(zip(reply[0::2], reply[1::2], strict=True))
+
+    def defer(self, commands: Sequence[Sequence[Any]]) -> None:
+        """Write without waiting for the replies (they are read before the next request)."""
+        self._defer(commands)
 
     # -- config and lists (only when their version changed) ----------------------------
     def fetch_config(self) -> Config:

@@ -1,0 +1,358 @@
+"""Intercept in the request path, through the real Kamailio: SIPp callers offering SDES
+(`a=crypto`), DTLS-SRTP or ZRTP to a SIPp callee that answers in kind; a provisioned target.
+
+What the proxy queues in the event stream is checked by decrypting it with the recipient's
+private key: call events in order, the draft's key body with the right keys on the right side,
+a pylibsrtp session built from the disclosed key decrypting what the caller protected, and the
+relayed INVITE of a target's call indistinguishable from anyone else's.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pylibsrtp
+import pytest
+import redis
+
+from intercept import names
+from intercept.targets import Target, normalise_identity
+from ops.lab import Lab
+from ops.sipp import SIPP_DIR, free_udp_port, parse_message_log, sipp_binary, stop_popen
+from tests.intercept_certs import Recipient, make_recipient
+
+pytestmark = pytest.mark.timeout(180)
+
+SUITE = "AES_CM_128_HMAC_SHA1_80"
+
+
+def new_key() -> str:
+    return base64.b64encode(os.urandom(30)).decode()
+
+
+@dataclass
+class Media:
+    """One side's SDP flavour: profile and two attributes (without 'a=')."""
+
+    proto: str = "RTP/SAVP"
+    attr1: str = "x-none:1"
+    attr2: str = "x-none:1"
+    attr3: str = "x-none:1"  # the re-INVITE's key (rekey scenarios only)
+
+    def args(self) -> list[str]:
+        return ["-key", "proto", self.proto, "-key", "attr1", self.attr1,
+                "-key", "attr2", self.attr2, "-key", "attr3", self.attr3]
+
+
+def sdes(key: str, ssrc: int) -> Media:
+    return Media("RTP/SAVP", f"crypto:1 {SUITE} inline:{key}", f"ssrc:{ssrc} cname:t{ssrc}")
+
+
+@dataclass
+class SrtpUas:
+    proc: subprocess.Popen[bytes]
+    port: int
+    workdir: Path
+
+    def invites(self) -> list[Any]:
+        log = self.workdir / "uas_messages.log"
+        if not log.exists():
+            return []
+        return [m for m in parse_message_log(log)
+                if m.direction == "received" and m.method == "INVITE"]
+
+
+@contextmanager
+def srtp_uas(workdir: Path, media: Media, scenario: str = "uas_srtp.xml") -> Iterator[SrtpUas]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_udp_port("127.0.0.1")
+    cmd = [sipp_binary(), "-sf", str(SIPP_DIR / scenario), "-i", "127.0.0.1",
+           "-p", str(port), "-mi", "127.0.0.1", "-mp", str(free_udp_port("127.0.0.1")),
+           "-ci", "127.0.0.1", "-cp", str(free_udp_port("127.0.0.1")), "-nostdin",
+           *media.args(),
+           "-trace_msg", "-message_file", "uas_messages.log"]
+    proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        time.sleep(0.3)
+        assert proc.poll() is None, "sipp uas_srtp did not start"
+        yield SrtpUas(proc, port, workdir)
+    finally:
+        stop_popen(proc)
+
+
+def srtp_call(lab: Lab, workdir: Path, caller: str, callee: str, media: Media,
+              src_ip: str = "127.0.0.2", scenario: str = "uac_srtp.xml") -> str:
+    """One call through the proxy; returns its Call-ID."""
+    st = lab.state
+    assert st is not None
+    workdir.mkdir(parents=True, exist_ok=True)
+    call_id = f"li-{uuid.uuid4().hex[:12]}"
+    cmd = [sipp_binary(), f"{st.sip_addr}:{st.sip_port}", "-sf", str(SIPP_DIR / scenario),
+           "-s", callee, "-i", src_ip, "-p", str(free_udp_port(src_ip)), "-mi", src_ip,
+           "-mp", str(free_udp_port(src_ip)), "-ci", src_ip, "-cp", str(free_udp_port(src_ip)),
+           "-m", "1",
+           "-nostdin", "-key", "caller", caller, "-cid_str", call_id, *media.args(),
+           "-d", "300", "-timeout", "20s", "-trace_msg", "-message_file", "uac_messages.log"]
+    out = subprocess.run(cmd, cwd=workdir, capture_output=True, timeout=40, check=False)
+    assert out.returncode == 0, f"sipp uac failed ({out.returncode}): {out.stderr[-500:]!r}"
+    return call_id
+
+
+def provision(client: redis.Redis, recipient: Recipient, target: str, **kw: Any) -> str:
+    liid = f"CASE-{uuid.uuid4().hex[:10]}"
+    t = Target(liid=liid, identities=(normalise_identity(target),),
+               deliver_to=kw.pop("deliver_to", "sip:recorder@127.0.0.1:5999"),
+               cert_pem=recipient.cert_pem, start=time.time() - 5, **kw)
+    client.hset(names.TARGETS, liid, t.pack())
+    client.incr(names.VERSION)
+    return liid
+
+
+def unprovision(client: redis.Redis, liid: str) -> None:
+    client.hdel(names.TARGETS, liid)
+    client.incr(names.VERSION)
+
+
+def events_of(client: redis.Redis, recipient: Recipient, liid: str,
+              wait_for: str = "Release", timeout: float = 10.0) -> list[tuple[str, str]]:
+    """(event name, decrypted body) of a case's events, in stream order, once `wait_for`
+    arrived (or after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = []
+        for _id, fields in client.xrange(names.EVENTS):
+            if fields[b"liid"].decode() != liid:
+                continue
+            assert fields[b"v"] == b"1"
+            body = recipient.decrypt(fields[b"body"])
+            got.append((fields[b"event"].decode(), body))
+        if any(e == wait_for for e, _ in got) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+def attr(body: str, name: str) -> list[str]:
+    return [line.split(":", 1)[1] for line in body.splitlines() if line.startswith(f"a={name}:")]
+
+
+@pytest.fixture
+def recipient() -> Recipient:
+    return make_recipient("li-recorder")
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def _lab(lab_factory: Any, uas: SrtpUas) -> Lab:
+    lab: Lab = lab_factory(next_hop=f"sip:127.0.0.1:{uas.port}", children=2)
+    return lab
+
+
+def test_sdes_call_of_a_target_yields_events_and_usable_keys(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
+    caller = f"tgt{uuid.uuid4().hex[:8]}"
+    k_caller, k_callee = new_key(), new_key()
+    liid = provision(client, recipient, f"{caller}@127.0.0.2")
+    try:
+        with srtp_uas(tmp_path / "uas", sdes(k_callee, 2222)) as uas:
+            lab = _lab(lab_factory, uas)
+            call_id = srtp_call(lab, tmp_path / "uac", caller, "bob", sdes(k_caller, 1111))
+            events = events_of(client, recipient, liid)
+    finally:
+        unprovision(client, liid)
+    names_seen = [e for e, _ in events]
+    assert names_seen == ["Origination", "Keys", "Answer", "Release"], names_seen
+    keys_body = dict(events)["Keys"]
+    assert "Content-Type: application/sdp" in keys_body
+    assert f"a=x-call-id:{call_id}" in keys_body
+    assert "a=x-target:offerer" in keys_body
+    assert attr(keys_body, "crypto") == [f"1 {SUITE} inline:{k_caller} SSRC=1111"]
+    assert attr(keys_body, "rcrypto") == [f"1 {SUITE} inline:{k_callee} SSRC=2222"]
+    assert "a=x-key-method:sdes" in keys_body
+    origination = dict(events)["Origination"]
+    assert f'"call_id":"{call_id}"' in origination and f'"liid":"{liid}"' in origination
+
+    # the recorder's view: decrypt what the caller sent with the disclosed key
+    disclosed = base64.b64decode(attr(keys_body, "crypto")[0].split("inline:")[1].split()[0])
+    sender = pylibsrtp.Session(pylibsrtp.Policy(
+        key=base64.b64decode(k_caller), ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND))
+    receiver = pylibsrtp.Session(pylibsrtp.Policy(
+        key=disclosed, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND))
+    for seq in range(5):
+        payload = os.urandom(160)
+        rtp = bytes([0x80, 0x00]) + seq.to_bytes(2, "big") + (seq * 160).to_bytes(4, "big") \
+            + (1111).to_bytes(4, "big") + payload
+        assert receiver.unprotect(sender.protect(rtp))[12:] == payload
+
+    # never in plaintext in Redis
+    for _id, fields in client.xrange(names.EVENTS):
+        for value in fields.values():
+            assert k_caller.encode() not in value and k_callee.encode() not in value
+
+
+def test_callee_target_is_the_answerer(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
+    callee = f"tgt{uuid.uuid4().hex[:8]}"
+    k_caller, k_callee = new_key(), new_key()
+    with srtp_uas(tmp_path / "uas", sdes(k_callee, 4444)) as uas:
+        lab = _lab(lab_factory, uas)
+        liid = provision(client, recipient, f"{callee}@127.0.0.1")
+        try:
+            srtp_call(lab, tmp_path / "uac", "carol", callee, sdes(k_caller, 3333))
+            events = events_of(client, recipient, liid)
+        finally:
+            unprovision(client, liid)
+    assert [e for e, _ in events] == ["TerminationAttempt", "Keys", "Answer", "Release"]
+    body = dict(events)["Keys"]
+    assert "a=x-target:answerer" in body
+    assert attr(body, "crypto") == [f"1 {SUITE} inline:{k_callee} SSRC=4444"]
+    assert attr(body, "rcrypto") == [f"1 {SUITE} inline:{k_caller} SSRC=3333"]
+
+
+def test_reinvite_with_new_keys_is_a_rekey(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
+    caller = f"tgt{uuid.uuid4().hex[:8]}"
+    k1, k2, k3, k4 = new_key(), new_key(), new_key(), new_key()
+    uac_media = sdes(k1, 1111)
+    uac_media.attr3 = f"crypto:1 {SUITE} inline:{k3}"
+    uas_media = sdes(k2, 2222)
+    uas_media.attr3 = f"crypto:1 {SUITE} inline:{k4}"
+    liid = provision(client, recipient, f"{caller}@127.0.0.2")
+    try:
+        with srtp_uas(tmp_path / "uas", uas_media, "uas_srtp_rekey.xml") as uas:
+            lab = _lab(lab_factory, uas)
+            srtp_call(lab, tmp_path / "uac", caller, "bob", uac_media,
+                      scenario="uac_srtp_rekey.xml")
+            events = events_of(client, recipient, liid)
+    finally:
+        unprovision(client, liid)
+    assert [e for e, _ in events] == ["Origination", "Keys", "Answer", "Keys", "ReKey",
+                                      "Release"]
+    first, second = [b for e, b in events if e == "Keys"]
+    assert attr(first, "crypto")[0].startswith(f"1 {SUITE} inline:{k1}")
+    assert attr(second, "crypto")[0].startswith(f"1 {SUITE} inline:{k3}")
+    assert attr(second, "rcrypto")[0].startswith(f"1 {SUITE} inline:{k4}")
+
+
+def test_late_offer_answered_in_the_ack(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
+    """INVITE without SDP: the callee offers in the 200, the caller answers in the ACK."""
+    caller = f"tgt{uuid.uuid4().hex[:8]}"
+    k_caller, k_callee = new_key(), new_key()
+    liid = provision(client, recipient, f"{caller}@127.0.0.2")
+    try:
+        with srtp_uas(tmp_path / "uas", sdes(k_callee, 2222)) as uas:
+            lab = _lab(lab_factory, uas)
+            srtp_call(lab, tmp_path / "uac", caller, "bob", sdes(k_caller, 1111),
+                      scenario="uac_srtp_late.xml")
+            events = events_of(client, recipient, liid)
+    finally:
+        unprovision(client, liid)
+    assert sorted(e for e, _ in events) == ["Answer", "Keys", "Origination", "Release"]
+    body = dict(events)["Keys"]
+    assert "a=x-target:answerer" in body  # the caller answered this exchange
+    assert attr(body, "crypto") == [f"1 {SUITE} inline:{k_caller} SSRC=1111"]
+    assert attr(body, "rcrypto") == [f"1 {SUITE} inline:{k_callee} SSRC=2222"]
+
+
+@pytest.mark.parametrize("media,method", [
+    (Media("UDP/TLS/RTP/SAVP", "fingerprint:sha-256 " + ":".join(["AB"] * 32), "setup:actpass"),
+     "dtls-srtp"),
+    (Media("RTP/AVP", "zrtp-hash:1.10 " + "0" * 64, "x-none:1"), "zrtp"),
+])
+def test_keys_not_in_signalling_are_reported(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient,
+        media: Media, method: str) -> None:
+    caller = f"tgt{uuid.uuid4().hex[:8]}"
+    liid = provision(client, recipient, f"{caller}@127.0.0.2")
+    try:
+        with srtp_uas(tmp_path / "uas", media) as uas:
+            lab = _lab(lab_factory, uas)
+            srtp_call(lab, tmp_path / "uac", caller, "bob", media)
+            events = events_of(client, recipient, liid)
+    finally:
+        unprovision(client, liid)
+    body = dict(events)["Keys"]
+    assert f"a=x-key-method:{method}" in body
+    assert not attr(body, "crypto") and not attr(body, "rcrypto")
+    assert f'"key_method":"{method}"' in dict(events)["Answer"]
+
+
+def test_target_invite_is_relayed_exactly_like_any_other(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
+    """Same header names in the same order, same values but for per-call ones, no body
+    change: nothing tells the callee (or the target) that the call is intercepted."""
+    target, other = f"tgt{uuid.uuid4().hex[:8]}", f"usr{uuid.uuid4().hex[:8]}"
+    key = new_key()
+    liid = provision(client, recipient, f"{target}@127.0.0.2")
+    try:
+        with srtp_uas(tmp_path / "uas", sdes(new_key(), 2)) as uas:
+            lab = _lab(lab_factory, uas)
+            srtp_call(lab, tmp_path / "uac1", other, "bob", sdes(key, 1))
+            srtp_call(lab, tmp_path / "uac2", target, "bob", sdes(key, 1))
+            events_of(client, recipient, liid)
+            invites = uas.invites()
+    finally:
+        unprovision(client, liid)
+    assert len(invites) == 2
+    # per-call values; the score differs because the second call raises bob's call rate
+    per_call = {"Via", "From", "Call-ID", "Contact", "Content-Length", "Record-Route",
+                "X-Spitwall-Score"}
+
+    def shape(msg: Any) -> list[tuple[str, str]]:
+        return [(n, "*" if n in per_call else v) for n, v in msg.header_items]
+
+    plain, tapped = invites
+    assert [n for n, _ in plain.header_items] == [n for n, _ in tapped.header_items]
+    assert shape(plain) == shape(tapped)
+    # Record-Route: same parameters (the dialog's id differs per call, its presence does not)
+    rr_params = [sorted(p.split("=")[0] for p in str(m.header("Record-Route")).split(";")[1:])
+                 for m in (plain, tapped)]
+    assert rr_params[0] == rr_params[1]
+    assert plain.body.replace(other, target).split("o=")[0] == tapped.body.split("o=")[0]
+
+
+def test_recording_indication_only_for_recording_mode(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
+    """With li.recording_indication on, a recording-mode target's call carries a=record:on
+    (RFC 7866) in both directions; an intercept target's call never does."""
+    from scoring import config_admin
+
+    recorded, tapped = f"rec{uuid.uuid4().hex[:8]}", f"tgt{uuid.uuid4().hex[:8]}"
+    rec_liid = provision(client, recipient, f"{recorded}@127.0.0.2", mode="recording")
+    li_liid = provision(client, recipient, f"{tapped}@127.0.0.2")
+    config_admin.set_value(client, "li.recording_indication", "true", user="test")
+    try:
+        with srtp_uas(tmp_path / "uas", sdes(new_key(), 2)) as uas:
+            lab = _lab(lab_factory, uas)
+            srtp_call(lab, tmp_path / "uac1", recorded, "bob", sdes(new_key(), 1))
+            srtp_call(lab, tmp_path / "uac2", tapped, "bob", sdes(new_key(), 1))
+            events_of(client, recipient, li_liid)
+            invites = uas.invites()
+    finally:
+        config_admin.reset(client, "li.recording_indication", user="test")
+        unprovision(client, rec_liid)
+        unprovision(client, li_liid)
+    assert "a=record:on" in invites[0].body
+    assert "a=record:on" not in invites[1].body
+    oks = [m for m in parse_message_log(tmp_path / "uac1" / "uac_messages.log")
+           if m.direction == "received" and m.status == 200 and m.cseq_method == "INVITE"]
+    assert oks and "a=record:on" in oks[0].body
+    oks = [m for m in parse_message_log(tmp_path / "uac2" / "uac_messages.log")
+           if m.direction == "received" and m.status == 200 and m.cseq_method == "INVITE"]
+    assert oks and "a=record:on" not in oks[0].body
