@@ -247,7 +247,16 @@ class Tap:
     # -- work items from the call path -------------------------------------------------------
     def handle(self, kind: str, item: Mapping[str, Any]) -> list[Command]:
         """The events for one work item queued by the call path (see `kemi.tap`): kinds
-        ``invite``, ``reply``, ``ack`` and ``end``; unknown kinds or fields give no event."""
+        ``invite``, ``reply``, ``ack`` and ``end``; unknown kinds give no event, malformed
+        fields are counted in `errors` and give no event (never an exception)."""
+        try:
+            return self._handle(kind, item)
+        except (ValueError, TypeError, AttributeError) as exc:
+            self.errors += 1
+            log.error("intercept: %s work item not usable: %s", kind[:16], exc)
+            return []
+
+    def _handle(self, kind: str, item: Mapping[str, Any]) -> list[Command]:
         tapped = decode_matches(str(item.get("li", "")))
         if not tapped:
             return []

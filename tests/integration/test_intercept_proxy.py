@@ -356,3 +356,27 @@ def test_recording_indication_only_for_recording_mode(
     oks = [m for m in parse_message_log(tmp_path / "uac2" / "uac_messages.log")
            if m.direction == "received" and m.status == 200 and m.cseq_method == "INVITE"]
     assert oks and "a=record:on" not in oks[0].body
+
+
+def test_malformed_crypto_on_a_target_call_never_breaks_the_call(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
+    """A hostile a=crypto (not base64, absurd lifetime): the call completes as usual, the call
+    events go out, no key event (the timer process counts the error), no Kamailio child dies."""
+    from tests.integration.helpers import children_of
+
+    caller = f"tgt{uuid.uuid4().hex[:8]}"
+    bad = Media("RTP/SAVP", f"crypto:1 {SUITE} inline:!!notbase64!!|2^999", "ssrc:x cname:y")
+    liid = provision(client, recipient, f"{caller}@127.0.0.2")
+    try:
+        with srtp_uas(tmp_path / "uas", sdes(new_key(), 2)) as uas:
+            lab = _lab(lab_factory, uas)
+            assert lab.state is not None
+            before = children_of(lab.state.pids["kamailio"])
+            srtp_call(lab, tmp_path / "uac", caller, "bob", bad)
+            events = events_of(client, recipient, liid)
+            assert children_of(lab.state.pids["kamailio"]) == before
+            log = Path(lab.state.logs["kamailio"]).read_text(errors="replace")
+    finally:
+        unprovision(client, liid)
+    assert [e for e, _ in events] == ["Origination", "Answer", "Release"]
+    assert "not usable for keys" in log and "notbase64" not in log

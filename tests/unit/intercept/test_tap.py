@@ -165,3 +165,55 @@ def test_backlog_keeps_events_while_redis_is_away() -> None:
     with pytest.raises(ConnectionError):
         tap.flush(big, down)  # type: ignore[arg-type]
     assert len(tap.backlog) == BACKLOG_MAX and tap.lost == 5
+
+
+def _events(cmds: list[list[object]]) -> list[str]:
+    return [str(fields(c)["event"]) for c in cmds]
+
+
+def test_work_items_give_the_events_of_each_call_point() -> None:
+    tap = tap_with(mk())
+    base = {"li": "C1:caller", "call_id": "c", "caller": "a", "callee": "b", "cseq": "1",
+            "now": 5.0}
+    offer, answer = sdp(K1, 4000, 11), sdp(K2, 5000, 22)
+    assert _events(tap.handle("invite", {**base, "rc": 1})) == ["Origination"]
+    assert _events(tap.handle("invite", {**base, "rc": 0, "reject": 603})) == \
+        ["Origination", "Release"]
+    ringing = tap.handle("reply", {**base, "status": 183, "offer": offer, "answer": answer})
+    assert _events(ringing) == ["Keys"]
+    ok = tap.handle("reply", {**base, "status": 200, "offer": offer, "answer": answer})
+    assert _events(ok) == ["Keys", "Answer"]
+    assert fields(ok[0])["id"] == fields(ringing[0])["id"]  # same answer: same event
+    assert _events(tap.handle("reply", {**base, "status": 486, "reason": "Busy Here"})) == \
+        ["Release"]
+    rekey = tap.handle("reply", {**base, "status": 200, "rekey": True, "offer": offer,
+                                 "answer": answer, "cseq": "2"})
+    assert _events(rekey) == ["Keys", "ReKey"]
+    assert _events(tap.handle("reply", {**base, "status": 488, "rekey": True})) == []
+    assert _events(tap.handle("ack", {**base, "offer": answer, "answer": offer,
+                                      "offerer": "callee"})) == ["Keys"]
+    assert _events(tap.handle("end", {**base, "reason": "BYE"})) == ["Release"]
+    assert tap.handle("bogus", base) == []
+    assert tap.handle("invite", {**base, "li": ""}) == []
+
+
+def test_release_reason_and_call_identity_reach_the_recipient() -> None:
+    tap = tap_with(mk())
+    item = {"li": "C1:callee", "call_id": "call-9", "caller": "sip:x@y", "callee": "sip:t@z",
+            "cseq": "1", "now": 1_800_000_000.0, "status": 486, "reason": "Busy Here"}
+    (cmd,) = tap.handle("reply", item)
+    body = json.loads(REC.body(fields(cmd)["body"]))  # type: ignore[arg-type]
+    assert body["event"] == "Release" and body["reason"] == "486 Busy Here"
+    assert body["caller"] == "sip:x@y" and body["callee"] == "sip:t@z"
+    assert body["time"] == "2027-01-15T08:00:00.000Z"
+
+
+def test_hostile_work_items_never_raise() -> None:
+    tap = tap_with(mk())
+    for item in ({"li": "C1:caller", "status": "x"}, {"li": "C1:caller", "now": "soon"},
+                 {"li": "C1:caller" * 1000}, {"li": "C1:caller", "status": [1]}):
+        assert tap.handle("reply", item) == []
+    assert tap.errors == 3  # bad status, bad time, status of the wrong type
+    # unusable SDP: no key event (counted), the Answer still goes out
+    bad_sdp = {"li": "C1:caller", "status": 200, "offer": "\x00", "answer": "v=0"}
+    assert _events(tap.handle("reply", bad_sdp)) == ["Answer"] and tap.errors == 4
