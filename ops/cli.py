@@ -382,6 +382,246 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- intercept (the intercept role only: use the spitwall-li-admin Redis user) -----------
+def _iso_time(text: str) -> float:
+    """ISO 8601 with a zone (``2026-11-27T10:00:00Z``, ``...+01:00``) -> unix time."""
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO time: {text!r} (e.g. 2026-11-27T10:00:00Z)") from None
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"time {text!r} has no zone; add Z or an offset such as +01:00")
+    return when.timestamp()
+
+
+def _csv(choices: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+        bad = [x for x in items if x not in choices]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a comma list of {', '.join(choices)}, not {text!r}")
+        return items
+    return parse
+
+
+def _read_file(path: str, what: str, limit: int = 1 << 20) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise CliError(f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
+def _target_json(target: Any) -> dict[str, Any]:
+    from intercept.provision import iso as _iso
+    from intercept.provision import target_summary
+
+    d = target_summary(target)
+    d["start"], d["end"] = _iso(d["start"]), _iso(d["end"])
+    d["created_at"] = _iso(d["created_at"])
+    cert = d["cert"]
+    cert["not_before"], cert["not_after"] = _iso(cert["not_before"]), _iso(cert["not_after"])
+    return d
+
+
+def cmd_intercept_add(args: argparse.Namespace) -> int:
+    from intercept.provision import add_target, build_target
+    from intercept.targets import DELIVERABLES, SIDES, check_deliver_to
+
+    check_deliver_to(args.deliver_to)
+    if args.end is not None and args.start is not None and args.end <= args.start:
+        raise ValueError("end time must be after start time")
+    pem = _read_file(args.cert, "certificate")
+    target = build_target(
+        liid=args.liid, identities=args.target, deliver_to=args.deliver_to, cert_pem=pem,
+        start=args.start, end=args.end, sides=args.match or SIDES,
+        deliver=args.deliver or DELIVERABLES, mode=args.mode)
+    replaced = add_target(client(args), target, replace=args.replace)
+    data = _target_json(target)
+    verb = "replaced" if replaced else "added"
+    emit(args, data, lambda: (
+        f"{verb} {target.mode} target {target.liid}: {', '.join(target.identities)} "
+        f"({'/'.join(target.sides)}), {'+'.join(target.deliver)} to {target.deliver_to}, "
+        f"{_when(target.start)} until {_when(target.end) if target.end else 'removed'}; "
+        f"cert {data['cert']['subject']} SHA-256 {data['cert']['sha256'][:23]}..."))
+    return 0
+
+
+def cmd_intercept_list(args: argparse.Namespace) -> int:
+    from intercept.provision import list_targets
+
+    targets, errors = list_targets(client(args))
+    for e in errors:
+        sys.stderr.write(f"spitwall: warning: {e}\n")
+    data = [_target_json(t) for t in targets]
+
+    def text() -> str:
+        if not targets:
+            return "no targets"
+        return "\n".join(
+            f"{d['liid']:20} {d['mode']:9} {'active' if d['active'] else 'inactive':8} "
+            f"{d['start'] or '-':20} -> {d['end'] or '-':20} {d['deliver_to']:28} "
+            f"{','.join(d['identities'])}" for d in data)
+
+    emit(args, data, text)
+    return 0
+
+
+def cmd_intercept_show(args: argparse.Namespace) -> int:
+    from intercept.provision import show_target
+
+    try:
+        target = show_target(client(args), args.liid)
+    except LookupError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(_target_json(target), indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_intercept_remove(args: argparse.Namespace) -> int:
+    from intercept.provision import remove_target
+
+    try:
+        remove_target(client(args), args.liid)
+    except LookupError as exc:
+        raise CliError(str(exc)) from None
+    emit(args, {"removed": args.liid}, lambda: f"removed target {args.liid}")
+    return 0
+
+
+def cmd_intercept_audit(args: argparse.Namespace) -> int:
+    from intercept.provision import audit_integrity, audit_tail
+
+    c = client(args)
+    rows = audit_tail(c, args.n)
+    integrity = audit_integrity(c)
+
+    known = ("id", "ts", "user", "by", "action", "liid", "address")
+
+    def line(r: dict[str, Any]) -> str:
+        try:
+            when = _when(float(r.get("ts") or 0))
+        except ValueError:
+            when = str(r.get("ts"))
+        subject = " ".join(x for x in (r.get("liid"), r.get("address")) if x) or "-"
+        rest = {k: v for k, v in r.items() if k not in known}
+        return (f"{when} {r.get('user') or r.get('by') or '?':14} {r.get('action', ''):18} "
+                f"{subject:22} {json.dumps(rest, sort_keys=True)}")
+
+    def text() -> str:
+        lines = [line(r) for r in rows]
+        if not lines:
+            lines.append("no intercept audit records")
+        if integrity["removed"]:
+            lines.append(f"WARNING: {integrity['removed']} audit entries were removed "
+                         f"({integrity['entries_added']} added, {integrity['length']} kept)")
+        return "\n".join(lines)
+
+    emit(args, {"entries": rows, **integrity}, text)
+    return 0
+
+
+def _recorder_password(args: argparse.Namespace) -> str | None:
+    if args.user is None:
+        if args.password_file:
+            raise CliError("--password-file needs --user")
+        return None
+    if args.password_file:
+        data = _read_file(args.password_file, "password file", 4096)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CliError(f"password file {args.password_file} is not UTF-8") from None
+        return text.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise CliError("--user needs --password-file (no terminal to prompt on)")
+    import getpass
+
+    first = getpass.getpass(f"password for recorder user {args.user}: ")
+    if getpass.getpass("again: ") != first:
+        raise CliError("the passwords differ")
+    return first
+
+
+def cmd_recorder_allow(args: argparse.Namespace) -> int:
+    from intercept.provision import normalise_address, recorder_allow
+    from intercept.targets import check_liid
+
+    for a in args.address:
+        normalise_address(a)  # before any prompt
+    for liid in args.liid or ():
+        check_liid(liid)
+    password = _recorder_password(args)
+    recs = recorder_allow(client(args), args.address, user=args.user or "", password=password,
+                          liids=args.liid or ())
+    emit(args, [r.as_json() for r in recs], lambda: "\n".join(
+        f"allowed {r.address}" + (f" (digest user {r.user})" if r.user else "")
+        + (f" for {', '.join(r.liids)}" if r.liids else "") for r in recs))
+    return 0
+
+
+def cmd_recorder_list(args: argparse.Namespace) -> int:
+    from intercept.provision import recorder_list
+
+    recs, errors = recorder_list(client(args))
+    for e in errors:
+        sys.stderr.write(f"spitwall: warning: {e}\n")
+    emit(args, [r.as_json() for r in recs], lambda: "\n".join(
+        f"{r.address:45} {('user ' + r.user) if r.user else 'address only':24} "
+        f"{','.join(r.liids) or 'any LIID':20} {_when(r.created_at)} by {r.created_by}"
+        for r in recs) or "no recorders allowed")
+    return 0
+
+
+def cmd_recorder_remove(args: argparse.Namespace) -> int:
+    from intercept.provision import recorder_remove
+
+    try:
+        gone = recorder_remove(client(args), args.address)
+    except LookupError as exc:
+        raise CliError(str(exc)) from None
+    emit(args, {"removed": gone}, lambda: "\n".join(f"removed {a}" for a in gone))
+    return 0
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    rest = list(args.rest)
+    import importlib
+
+    try:  # written separately; imported only when asked for
+        deliver: Any = importlib.import_module("intercept.deliver")
+    except ImportError as exc:
+        raise CliError(f"the delivery worker is not available: {exc}") from None
+    if not (hasattr(deliver, "main") and hasattr(deliver, "replay")):
+        raise CliError("the delivery worker is not available: intercept.deliver has no "
+                       "main()/replay()")
+    if rest[:1] == ["replay"]:
+        rp = Parser(prog="spitwall deliver replay", parents=[_common()],
+                    description="re-queue dead-lettered events (intercept admin role)")
+        rp.add_argument("--count", type=int, metavar="N", help="at most N events (default all)")
+        sub_args = rp.parse_args(rest[1:])
+        if getattr(sub_args, "redis", None) is None and getattr(args, "redis", None):
+            sub_args.redis = args.redis
+        if sub_args.count is not None and sub_args.count < 1:
+            raise ValueError("--count must be at least 1")
+        from intercept.provision import append_audit
+
+        c = client(sub_args)
+        n = int(deliver.replay(c, sub_args.count))
+        append_audit(c, "deliver.replay", detail={"count": sub_args.count, "replayed": n})
+        emit(sub_args, {"replayed": n}, lambda: f"re-queued {n} dead-lettered event(s)")
+        return 0
+    if getattr(args, "redis", None) and "--redis" not in rest:
+        rest = ["--redis", args.redis, *rest]
+    return int(deliver.main(rest))
+
+
 # -- parser ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from lists.model import KINDS, LIST_NAMES
@@ -483,9 +723,72 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("rest", nargs=argparse.REMAINDER)
     md.set_defaults(func=cmd_media)
 
+    _add_intercept_parsers(sub, common)
+
     st = sub.add_parser("stats", parents=[common], help="decision counters")
     st.set_defaults(func=cmd_stats)
     return top
+
+
+def _add_intercept_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    from intercept.targets import DELIVERABLES, MODES, SIDES
+
+    ip = sub.add_parser("intercept", help="intercept/recording targets (intercept role only)",
+                        description="Provision intercept and recording targets. Needs the "
+                        "spitwall-li-admin Redis user; every change is audited.")
+    isub: Any = ip.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    isub.required = True
+    a = isub.add_parser("add", parents=[common], help="provision a target (LIID)")
+    a.add_argument("--liid", required=True, metavar="ID", help="case id (1-64 of A-Za-z0-9._-)")
+    a.add_argument("--target", required=True, action="append", metavar="URI-OR-NUMBER",
+                   help="SIP URI user@domain or E.164 number (repeatable)")
+    a.add_argument("--deliver-to", required=True, metavar="SIP-URI|subscribe",
+                   help="recorder / mediation function to PUBLISH to, or 'subscribe'")
+    a.add_argument("--cert", required=True, metavar="PEM-FILE",
+                   help="recipient certificate (RSA); events are encrypted to it")
+    a.add_argument("--start", type=_iso_time, metavar="ISO-TIME", help="default: now")
+    a.add_argument("--end", type=_iso_time, metavar="ISO-TIME", help="default: none")
+    a.add_argument("--deliver", type=_csv(DELIVERABLES, "--deliver"), metavar="keys,events",
+                   help="what to deliver (default: keys,events)")
+    a.add_argument("--mode", choices=MODES, default="intercept")
+    a.add_argument("--match", type=_csv(SIDES, "--match"), metavar="caller,callee",
+                   help="which side of a call the target may be on (default: both)")
+    a.add_argument("--replace", action="store_true", help="replace an existing LIID")
+    a.set_defaults(func=cmd_intercept_add)
+    isub.add_parser("list", parents=[common], help="all targets").set_defaults(
+        func=cmd_intercept_list)
+    s = isub.add_parser("show", parents=[common], help="one target as JSON (no PEM)")
+    s.add_argument("liid", metavar="LIID")
+    s.set_defaults(func=cmd_intercept_show)
+    r = isub.add_parser("remove", parents=[common], help="remove a target")
+    r.add_argument("liid", metavar="LIID")
+    r.set_defaults(func=cmd_intercept_remove)
+    au = isub.add_parser("audit", parents=[common], help="the intercept audit stream")
+    au.add_argument("-n", type=int, default=20, metavar="N", help="last N entries (default 20)")
+    au.set_defaults(func=cmd_intercept_audit)
+
+    rc = sub.add_parser("recorder", help="recorders allowed to SUBSCRIBE (intercept role only)")
+    rsub: Any = rc.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    rsub.required = True
+    ra = rsub.add_parser("allow", parents=[common], help="allow addresses to SUBSCRIBE")
+    ra.add_argument("address", nargs="+", metavar="ADDRESS", help="IP, IP:port or CIDR")
+    ra.add_argument("--user", metavar="NAME", help="also require digest credentials")
+    ra.add_argument("--password-file", metavar="FILE",
+                    help="file holding the password (else prompted); only its HA1 is stored")
+    ra.add_argument("--liid", action="append", metavar="ID",
+                    help="only for this LIID (repeatable; default: any)")
+    ra.set_defaults(func=cmd_recorder_allow)
+    rsub.add_parser("list", parents=[common], help="allowed recorders").set_defaults(
+        func=cmd_recorder_list)
+    rr = rsub.add_parser("remove", parents=[common], help="remove allowed addresses")
+    rr.add_argument("address", nargs="+", metavar="ADDRESS")
+    rr.set_defaults(func=cmd_recorder_remove)
+
+    dv = sub.add_parser("deliver", add_help=False,
+                        help="intercept delivery worker (foreground); 'deliver replay' "
+                        "re-queues dead letters")
+    dv.add_argument("rest", nargs=argparse.REMAINDER)
+    dv.set_defaults(func=cmd_deliver)
 
 
 def _text(x: Any) -> str:
@@ -502,9 +805,33 @@ def _positive(text: str) -> float:
     return v
 
 
+#: commands whose arguments all go to another program's parser (argparse's REMAINDER does not
+#: take a leading option such as `spitwall deliver --consumer w1`)
+PASSTHROUGH = ("deliver", "media")
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``[global options] deliver|media ARGS...`` -> (argv up to the command, ARGS)."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--redis":
+            i += 2
+        elif a.startswith("--redis=") or a == "--json":
+            i += 1
+        else:
+            break
+    if i < len(argv) and argv[i] in PASSTHROUGH:
+        return argv[:i + 1], argv[i + 1:]
+    return argv, None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    head, rest = _split_passthrough(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(head)
+    if rest is not None:
+        args.rest = rest
     try:
         rc = args.func(args)
         return int(rc or 0)
@@ -514,6 +841,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         sys.stderr.write(f"spitwall: error: {exc}\n")
         return EXIT_USAGE
+    except redis.exceptions.NoPermissionError as exc:
+        sys.stderr.write(f"spitwall: error: Redis refused it for this user (ACL): {exc}\n")
+        return EXIT_FAIL
     except redis.RedisError as exc:
         sys.stderr.write(f"spitwall: error: Redis: {exc}\n")
         return EXIT_FAIL

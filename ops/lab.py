@@ -7,6 +7,16 @@ stops exactly the pids recorded there (after checking /proc that each still runs
 started), so a lab never kills anything it did not start, and several labs can run side by side
 in different work directories (every port defaults to a free one).
 
+Redis roles: when the lab starts its own redis-server it also creates the ACL users of
+`intercept.acl` (``spitwall-proxy``, ``-ops``, ``-media``, ``-deliver``, ``-li-admin``) with fresh
+random passwords, writes their URLs to ``WORKDIR/redis-users.json`` (mode 0600), and starts
+Kamailio and the services as their users, passing the URL in ``$SPITWALL_REDIS`` -- never on
+the command line, which every local user can read in /proc. The ``default`` user stays as it is
+(password-less, all rights) so that tests and lab tooling keep working; a production Redis
+should disable it (docs/operations.md). With ``--redis URL`` (an existing Redis) the users are
+created only when asked (``--redis-users``): the lab then adds its passwords to the users, so
+labs sharing one Redis do not lock each other out, and removes them again at ``down``.
+
 The integration tests drive the same code through :class:`Lab`, so what they exercise is what an
 operator runs.
 """
@@ -69,6 +79,7 @@ REDIS_READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 LOG_TAIL_LINES = 20
 STATE_VERSION = 1
+USERS_FILE = "redis-users.json"
 
 
 class LabError(Exception):
@@ -102,10 +113,38 @@ class LabState:
     expect: dict[str, list[str]] = field(default_factory=dict)
     started_at: float = 0.0
     version: int = STATE_VERSION
+    #: WORKDIR/redis-users.json when the lab created the Redis role users (else None)
+    users_file: str | None = None
+    #: the users were created on a Redis we do not own: our passwords are removed at `down`
+    users_shared: bool = False
 
     @property
     def sip_uri(self) -> str:
         return f"sip:{_uri_host(self.sip_addr)}:{self.sip_port}"
+
+    def users(self) -> dict[str, str]:
+        """Role -> Redis URL with that role's user (empty when the lab made no users)."""
+        if not self.users_file:
+            return {}
+        try:
+            data = json.loads(Path(self.users_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise LabError(f"cannot read {self.users_file}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise LabError(f"{self.users_file} is not a JSON object")
+        return {str(k): str(v) for k, v in data.items()}
+
+    def url_for(self, role: str) -> str:
+        """The Redis URL a process of ``role`` (proxy, ops, media, deliver, li-admin) uses:
+        its own user when the lab made users, else the lab's Redis URL."""
+        return self.users().get(role, self.redis_url)
+
+    def env_for(self, role: str | None) -> dict[str, str]:
+        """The environment of a process of ``role``: ours plus SPITWALL_REDIS (the URL, maybe
+        with a password, goes through the environment, which only the owner can read)."""
+        env = dict(os.environ)
+        env["SPITWALL_REDIS"] = self.url_for(role) if role else self.redis_url
+        return env
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
@@ -122,6 +161,8 @@ class ExtraService:
 
     ``argv`` builds the command line from the lab state, ``ready`` says whether the service
     answers (polled until ``timeout``), ``expect`` gives the cmdline substrings that identify it.
+    ``redis_role`` (an `intercept.acl` role) selects the Redis user: the process gets its URL in
+    ``$SPITWALL_REDIS`` (`LabState.env_for`); keep ``--redis`` out of ``argv``.
     """
 
     name: str
@@ -129,6 +170,7 @@ class ExtraService:
     ready: Callable[[LabState], bool]
     expect: Callable[[LabState], list[str]]
     timeout: float = 15.0
+    redis_role: str | None = None
 
 
 #: Services the lab starts after Kamailio. The answering machine (``media/``) and the intercept
@@ -142,8 +184,8 @@ def _media_port(state: LabState) -> int:
 
 
 def _media_argv(state: LabState) -> list[str]:
-    work = Path(state.workdir)
-    return [sys.executable, "-m", "media.server", "--redis", state.redis_url,
+    work = Path(state.workdir)  # the Redis URL comes in $SPITWALL_REDIS (redis_role)
+    return [sys.executable, "-m", "media.server",
             "--sip-addr", state.sip_addr, "--sip-port", str(_media_port(state)),
             "--queue-dir", str(work / "queue"), "--prompts-dir", str(work / "prompts")]
 
@@ -156,6 +198,7 @@ EXTRA_SERVICES.append(ExtraService(
     ready=lambda st: sip_options_ping(st.sip_addr, _media_port(st), 0.5) == 200,
     expect=lambda st: ["media.server", str(_media_port(st))],
     timeout=90.0,
+    redis_role="media",
 ))
 
 
@@ -355,13 +398,15 @@ class Lab:
         media_port: int | None = None,
         children: int = DEFAULT_CHILDREN,
         timeout: float = KAMAILIO_READY_TIMEOUT,
+        redis_users: bool | None = None,
     ) -> LabState:
         """Start the lab and return once every service answers.
 
         ``redis_url`` uses an existing Redis (nothing is started for it); otherwise redis-server
-        runs on ``redis_port`` (default: a free one). On any failure everything started so far is
-        stopped again, lab.json is removed, and LabError (with Kamailio's log tail when it is the
-        culprit) is raised.
+        runs on ``redis_port`` (default: a free one). ``redis_users`` creates the Redis role
+        users and runs each process as its role (default: only on a Redis the lab starts). On
+        any failure everything started so far is stopped again, lab.json is removed, and
+        LabError (with Kamailio's log tail when it is the culprit) is raised.
         """
         _validate_up(sip_addr, redis_url, redis_port, next_hop, children)
         if not self.kamailio_cfg.is_file():
@@ -379,7 +424,8 @@ class Lab:
                 log.info("removing stale %s (no recorded process is alive)", self.state_path)
                 self.state_path.unlink()
             return self._start_all(
-                sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children, timeout
+                sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children, timeout,
+                redis_users,
             )
 
     def _start_all(
@@ -392,8 +438,10 @@ class Lab:
         media_port: int | None,
         children: int,
         timeout: float,
+        redis_users: bool | None = None,
     ) -> LabState:
         own_redis = redis_url is None
+        make_users = own_redis if redis_users is None else redis_users
         if own_redis:
             redis_port = redis_port or free_port("127.0.0.1", "tcp")
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
@@ -417,12 +465,15 @@ class Lab:
                 self._start_redis(state, redis_port or 0)
             elif not _redis_answers(redis_url, 2.0):
                 raise LabError(f"Redis at {redis_url} does not answer PING")
+            if make_users:
+                self._create_users(state, shared=not own_redis)
             self._start_kamailio(state, timeout)
             for service in EXTRA_SERVICES:
                 self._start_extra(state, service)
         except BaseException:
             # Interrupted or failed: leave nothing running and no lab.json behind, then re-raise.
             self._stop_recorded(state)
+            self._drop_users(state)
             with contextlib.suppress(FileNotFoundError):
                 self.state_path.unlink()
             self.state = None
@@ -446,9 +497,63 @@ class Lab:
         pid = start_redis_server(self.workdir, port)
         self._record(state, "redis", pid, log_path, REDIS_EXPECT)
 
+    def _create_users(self, state: LabState, *, shared: bool) -> None:
+        """Create the Redis role users with fresh passwords; their URLs go to redis-users.json
+        (0600). ``shared``: add our passwords to the users instead of resetting them."""
+        import redis
+
+        from intercept import acl
+
+        passwords = acl.generate_passwords()
+        urls = {role: acl.user_url(state.redis_url, role, pw) for role, pw in passwords.items()}
+        path = self.workdir / USERS_FILE
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(urls, indent=2) + "\n")
+        state.users_file = str(path)
+        state.users_shared = shared
+        self._save(state)  # recorded before the users exist, so a failure cleans them up
+        client = redis.Redis.from_url(state.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        try:
+            acl.apply_users(client, passwords, keep_other_passwords=shared)
+        except (redis.RedisError, ValueError) as exc:
+            raise LabError(f"cannot create the Redis role users on {state.redis_url}: {exc}"
+                           ) from exc
+        finally:
+            client.close()
+
+    def _drop_users(self, state: LabState) -> list[str]:
+        """Undo `_create_users`: on a shared Redis take our passwords away again; remove the
+        users file. Returns warnings (never raises: `down` must go on)."""
+        if not state.users_file:
+            return []
+        warnings: list[str] = []
+        if state.users_shared:
+            import redis
+
+            from intercept import acl
+
+            try:
+                urls = state.users()
+                passwords = {role: unquote(urlsplit(u).password or "") for role, u in urls.items()}
+                client = redis.Redis.from_url(state.redis_url, socket_timeout=3,
+                                              socket_connect_timeout=2)
+                try:
+                    acl.remove_passwords(client, {r: p for r, p in passwords.items() if p})
+                finally:
+                    client.close()
+            except (LabError, redis.RedisError, ValueError) as exc:  # down goes on regardless
+                warnings.append(f"could not remove the lab's Redis passwords: {exc}")
+        Path(state.users_file).unlink(missing_ok=True)
+        return warnings
+
     def kamailio_argv(self, state: LabState) -> list[str]:
         """The Kamailio command line: foreground (-DD) so our pid is the main process, logging to
-        stderr (-E), runtime files under the workdir, everything else as -A defines."""
+        stderr (-E), runtime files under the workdir, everything else as -A defines. With Redis
+        role users the REDIS_URL define is empty, so the handler takes $SPITWALL_REDIS (the
+        proxy user's URL, password included, stays off the command line)."""
+        redis_define = "" if state.users_file else state.redis_url
         return [
             _binary("kamailio", "/usr/sbin/kamailio"),
             "-f", state.kamailio_cfg,
@@ -457,7 +562,7 @@ class Lab:
             "-w", str(self.workdir),
             "-A", f"SIP_ADDR={state.sip_addr}",
             "-A", f"SIP_PORT={state.sip_port}",
-            "-A", f"REDIS_URL={state.redis_url}",
+            "-A", f"REDIS_URL={redis_define}",
             "-A", f"NEXT_HOP={state.next_hop or 'none'}",
             "-A", f"MEDIA_URI={state.media_uri}",
             "-A", f"CHILDREN={state.children}",
@@ -470,7 +575,8 @@ class Lab:
         log_path = self.workdir / "kamailio.log"
         _rotate_log(log_path)
         (self.workdir / "run").mkdir(parents=True, exist_ok=True)
-        pid = start_process(self.kamailio_argv(state), log_path, cwd=self.workdir)
+        pid = start_process(self.kamailio_argv(state), log_path, cwd=self.workdir,
+                            env=state.env_for("proxy"))
         # The workdir is in Kamailio's argv (-w), so it tells this lab's Kamailio from any other.
         self._record(state, "kamailio", pid, log_path, ["kamailio", str(self.workdir)])
         wait_until(lambda: not pid_alive(pid) or _kamailio_answers(state, 0.5), timeout, 0.1)
@@ -492,7 +598,8 @@ class Lab:
     def _start_extra(self, state: LabState, service: ExtraService) -> None:
         log_path = self.workdir / f"{service.name}.log"
         _rotate_log(log_path)
-        pid = start_process(service.argv(state), log_path, cwd=self.workdir)
+        pid = start_process(service.argv(state), log_path, cwd=self.workdir,
+                            env=state.env_for(service.redis_role))
         self._record(state, service.name, pid, log_path, service.expect(state))
         if not wait_until(lambda: service.ready(state) or not pid_alive(pid), service.timeout):
             raise LabError(f"{service.name} did not become ready (see {log_path})")
@@ -526,6 +633,7 @@ class Lab:
             if state is None:
                 return None, []
             warnings = self._stop_recorded(state)
+            warnings += self._drop_users(state)
             self.state_path.unlink(missing_ok=True)
             self.state = None
             return state, warnings
@@ -649,6 +757,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--children", type=_positive, default=DEFAULT_CHILDREN, help="Kamailio UDP workers"
     )
     up.add_argument(
+        "--redis-users",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="create the Redis role users (spitwall-proxy, -ops, -media, -deliver, -li-admin) "
+        "and run each process as its user; default: only on a Redis the lab starts",
+    )
+    up.add_argument(
         "--kamailio-cfg",
         type=Path,
         default=DEFAULT_KAMAILIO_CFG,
@@ -689,6 +804,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             next_hop=args.next_hop,
             media_port=args.media_port,
             children=args.children,
+            redis_users=args.redis_users,
         )
     except LabError as exc:
         if exc.log_tail:
@@ -702,6 +818,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"  SIP proxy   udp:{host}:{state.sip_port}  tcp:{host}:{state.sip_port}")
     redis_owner = f"redis-server pid {state.pids['redis']}" if state.own_redis else "external"
     print(f"  Redis       {state.redis_url}  ({redis_owner})")
+    if state.users_file:
+        print(f"  Redis users {state.users_file}  (role URLs with passwords, mode 0600)")
     print(f"  next hop    {state.next_hop or 'none'}")
     print(f"  media URI   {state.media_uri}")
     print("  pids        " + ", ".join(f"{name} {pid}" for name, pid in state.pids.items()))

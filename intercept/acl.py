@@ -1,0 +1,197 @@
+"""Redis ACL users that keep the intercept state away from everyone who does not need it.
+
+Why: lawful-intercept targets and their events must be invisible to the ordinary operator role
+(CALEA: the target list is need-to-know), while the proxy must read targets and append events,
+and the delivery worker must consume them. Redis 7 ACLs enforce that at the server, whatever
+the client code does. Five users, one per role:
+
+* ``spitwall-proxy`` (Kamailio children): the scoring commands on every non-``li`` key, read-only
+  access to the targets and their version (not to the recorders' digest HA1s nor the audit)
+  and, through a selector, XADD on the event stream -- it cannot read the events back nor
+  change targets;
+* ``spitwall-ops`` (operator CLI) and ``spitwall-media`` (answering machine): key patterns that
+  cover every ``spitwall:`` key except the ``spitwall:li:`` prefix, and no command that lists or
+  counts keys or reports on keys without an ACL key check (SCAN, KEYS, RANDOMKEY, DBSIZE, INFO,
+  MEMORY, MONITOR, CLIENT TRACKING, ...), so they get NOPERM on ``li`` keys and cannot even tell
+  whether one exists. The answering machine faces the network, so it gets only the commands it
+  uses;
+* ``spitwall-deliver`` (delivery worker): the stream-consumer and hash commands on
+  ``spitwall:li:*``; XDEL/XTRIM only on the ``{ev}`` streams, EXPIRE only on the subscriptions;
+* ``spitwall-li-admin`` (intercept admin): provisioning and dead-letter replay on
+  ``spitwall:li:*``; no DEL/UNLINK/RENAME/EXPIRE/XTRIM/XDEL on the ``{li}`` keys (so not on the
+  audit stream either), no dangerous commands.
+
+Limit (Redis cannot express it): a user that may XADD to the audit stream could pass MAXLEN and
+trim it. Nobody but the ``default`` user can delete or XSETID it, so removals are detectable:
+`intercept.provision.audit_integrity` compares XINFO STREAM's ``entries-added`` with its length.
+
+Glob note (Redis 7.0 ``stringmatchlen``): ``[^l]`` matches exactly one character, so
+``spitwall:[^l]*`` does not match ``spitwall:`` itself; the exact patterns ``spitwall:``,
+``spitwall:l`` and ``spitwall:li`` close those gaps (``tests/unit/intercept/test_acl.py``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from intercept import names
+
+PROXY = "proxy"
+OPS = "ops"
+MEDIA = "media"
+DELIVER = "deliver"
+LI_ADMIN = "li-admin"
+ROLES = (PROXY, OPS, MEDIA, DELIVER, LI_ADMIN)
+USER_PREFIX = "spitwall-"
+
+#: every ``spitwall:`` key except those under ``spitwall:li:``
+NON_LI_KEYS = (
+    "~spitwall:", "~spitwall:l", "~spitwall:li",
+    "~spitwall:[^l]*", "~spitwall:l[^i]*", "~spitwall:li[^:]*",
+)  # fmt: skip
+LI_KEYS = f"~{names.PREFIX}*"  # ~spitwall:li:*
+LI_STREAMS = f"{names.PREFIX}{{ev}}:*"  # events, dead letters, delivery counters
+
+#: what redis-py sends on connect (AUTH/HELLO, CLIENT SETNAME, SELECT) plus PING
+CONNECTION = (
+    "+ping", "+echo", "+auth", "+hello", "+select", "+quit", "+reset",
+    "+client|setname", "+client|getname", "+client|id", "+client|info",
+)  # fmt: skip
+#: redis-py >= 5 also sends CLIENT SETINFO (Redis >= 7.2 only; added when the server has it)
+OPTIONAL_CONNECTION = ("+client|setinfo",)
+TRANSACTION = ("+multi", "+exec", "+discard", "+watch", "+unwatch")
+#: commands inside scoring/lua/*.lua (scripts run with the caller's ACL, keys included)
+SCRIPT_INNER = ("+get", "+set", "+del", "+incr", "+expire", "+hmget", "+hset", "+hincrby",
+                "+pfadd", "+pfcount", "+lpush", "+ltrim", "+lrange")
+SCRIPTS = ("+evalsha", "+script|load", "+script|exists")
+
+#: Commands that would reveal key names, key counts or other clients' traffic without a key
+#: check, or that are not needed and touch global state. On top of -@dangerous (KEYS, INFO,
+#: MONITOR, DEBUG, CONFIG, CLIENT LIST, SLOWLOG, LATENCY, ACL LOG/GETUSER, SORT, SYNC, ...).
+OPS_DENIED = (
+    "-@dangerous", "-@pubsub", "-scan", "-randomkey", "-dbsize", "-memory", "-object",
+    "-cluster", "-function", "-fcall", "-fcall_ro", "-client|tracking", "-client|trackinginfo",
+    "-client|caching", "-client|getredir", "-script|flush", "-script|kill", "-script|debug",
+)  # fmt: skip
+
+RULES: dict[str, tuple[str, ...]] = {
+    PROXY: (
+        *NON_LI_KEYS, f"%R~{names.TARGETS}", f"%R~{names.VERSION}", "resetchannels",
+        *CONNECTION, *SCRIPTS, *SCRIPT_INNER, "+mget", "+hget", "+hgetall",
+        f"(~{names.EVENTS} +xadd)",
+    ),
+    OPS: (*NON_LI_KEYS, "resetchannels", "+@all", *OPS_DENIED),
+    MEDIA: (
+        *NON_LI_KEYS, "resetchannels", *CONNECTION, *TRANSACTION, *SCRIPTS,
+        "+get", "+mget", "+incr", "+incrby", "+expire", "+hget", "+hgetall", "+hmget", "+hset",
+        "+hdel", "+hincrby", "+zadd", "+zcard", "+zrange", "+zrevrange", "+zrem",
+    ),
+    DELIVER: (
+        LI_KEYS, "resetchannels", *CONNECTION, *TRANSACTION,
+        "+xreadgroup", "+xgroup", "+xack", "+xautoclaim", "+xclaim", "+xpending", "+xadd",
+        "+xrange", "+xrevrange", "+xlen", "+xinfo", "+hgetall", "+hget", "+hset", "+hdel",
+        "+hincrby", "+get", "+exists",
+        f"(~{LI_STREAMS} +xdel +xtrim)", f"(~{names.SUBSCRIPTIONS} +expire)",
+    ),
+    LI_ADMIN: (
+        LI_KEYS, "resetchannels", *CONNECTION, *TRANSACTION,
+        "+get", "+mget", "+incr", "+incrby", "+exists", "+type", "+hget", "+hgetall", "+hmget",
+        "+hset", "+hdel", "+hexists", "+hlen", "+hkeys", "+xadd", "+xrange", "+xrevrange", "+xlen",
+        "+xinfo", "+xpending",
+        f"(~{LI_STREAMS} +xdel +xtrim +xack +xclaim +xautoclaim +xgroup +xreadgroup)",
+    ),
+}
+
+
+def user_name(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown Redis role {role!r}; expected one of {', '.join(ROLES)}")
+    return USER_PREFIX + role
+
+
+def rules(role: str, *, setinfo: bool = False) -> list[str]:
+    """The ACL SETUSER rules of ``role`` (without passwords). ``setinfo``: the server knows
+    CLIENT SETINFO (Redis >= 7.2), so allow it (redis-py sends it on connect)."""
+    user_name(role)
+    out = list(RULES[role])
+    if setinfo and role != OPS:  # ops has +@all
+        out += OPTIONAL_CONNECTION
+    return out
+
+
+def generate_passwords(roles: Sequence[str] = ROLES) -> dict[str, str]:
+    """A fresh random password per role (256 bits, hex, so it needs no URL quoting)."""
+    for role in roles:
+        user_name(role)
+    return {role: secrets.token_hex(32) for role in roles}
+
+
+def server_version(client: Any) -> tuple[int, ...]:
+    """Redis server version, e.g. (7, 0, 15)."""
+    text = str(client.info("server").get("redis_version", "0"))
+    return tuple(int(p) for p in text.split(".") if p.isdigit())
+
+
+def apply_users(client: Any, passwords: Mapping[str, str], *,
+                keep_other_passwords: bool = False) -> list[str]:
+    """ACL SETUSER every role in ``passwords`` (role -> password); returns the user names.
+
+    By default each user is reset first (``reset``: passwords, keys, channels, commands,
+    selectors), so applying twice gives the same user with only the new password.
+    ``keep_other_passwords`` resets everything but the passwords and adds this one: for a
+    Redis shared by several labs, each with its own password (see `remove_passwords`).
+    Needs a user allowed to run ACL SETUSER (the ``default`` user of a fresh redis-server).
+    """
+    for role, password in passwords.items():
+        user_name(role)
+        if not password or any(ch.isspace() or ch in "<>" for ch in password):
+            raise ValueError(f"password of {role!r} must be non-empty without spaces or < >")
+    version = server_version(client)
+    if version < (7, 0):
+        raise ValueError(f"Redis {'.'.join(map(str, version))} has no ACL selectors; "
+                         "spitwall's roles need Redis >= 7.0")
+    setinfo = version >= (7, 2)
+    done: list[str] = []
+    for role, password in passwords.items():
+        name = user_name(role)
+        head = (["on", f">{password}", "resetkeys", "resetchannels", "clearselectors", "-@all"]
+                if keep_other_passwords else ["reset", "on", f">{password}"])
+        client.execute_command("ACL", "SETUSER", name, *head, *rules(role, setinfo=setinfo))
+        done.append(name)
+    return done
+
+
+def remove_passwords(client: Any, passwords: Mapping[str, str]) -> None:
+    """Take these passwords away from the users (``<password``); the users stay. A password
+    (or user) that is already gone -- a restarted Redis without an aclfile -- is skipped."""
+    for role, password in passwords.items():
+        name = user_name(role)
+        if not client.execute_command("ACL", "GETUSER", name):
+            continue
+        try:
+            client.execute_command("ACL", "SETUSER", name, f"<{password}")
+        except Exception as exc:
+            if "does not exist" not in str(exc):
+                raise
+
+
+def user_url(base_url: str, role: str, password: str) -> str:
+    """``base_url`` (redis://host:port/db, any credentials dropped) with this role's user."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"cannot put credentials into {base_url!r}: not redis:// or rediss://")
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{quote(user_name(role), safe='')}:{quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path or "/0", parts.query, ""))
+
+
+def describe() -> str:
+    """Every role's user and rules, one line each (for docs and reports)."""
+    return "\n".join(f"{user_name(r)}: {' '.join(rules(r))}" for r in ROLES)

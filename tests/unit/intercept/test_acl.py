@@ -1,0 +1,399 @@
+"""intercept.acl against a real redis-server: each role can do its job and nothing it must not.
+
+The users are created with the code the lab runs (`apply_users`) on the session redis-server;
+every check connects as that user and runs the real command (or the project's real code: the
+proxy's Store, the operator CLI, the answering machine's queue), so a missing or excess
+permission shows up as it would in production.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.exceptions import NoPermissionError
+
+from intercept import acl, names, provision
+from media.queue import MessageQueue
+from ops import cli
+from scoring import config_admin, keys, reputation
+from scoring.model import Action, Contribution, Decision
+from scoring.store import Store
+from tests.unit.intercept.test_provision import make_cert
+from tests.unit.scoring.support import attempt
+
+ClientFor = Callable[[str], redis.Redis]
+
+
+@pytest.fixture
+def admin(redis_url: str) -> Iterator[redis.Redis]:
+    """The ``default`` user (full rights): creates the users and seeds li keys."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def passwords(admin: redis.Redis) -> dict[str, str]:
+    pw = acl.generate_passwords()
+    acl.apply_users(admin, pw)
+    return pw
+
+
+@pytest.fixture
+def urls(redis_url: str, passwords: dict[str, str]) -> dict[str, str]:
+    return {role: acl.user_url(redis_url, role, pw) for role, pw in passwords.items()}
+
+
+@pytest.fixture
+def client_for(urls: dict[str, str]) -> Iterator[ClientFor]:
+    made: list[redis.Redis] = []
+
+    def make(role: str) -> redis.Redis:
+        c = redis.Redis.from_url(urls[role], socket_timeout=5)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def li_state(admin: redis.Redis) -> None:
+    """Some intercept state, as the admin and the proxy would leave it."""
+    target = provision.build_target(liid="CASE-1", identities=["+15551230001"],
+                                    deliver_to="sip:li@192.0.2.5", cert_pem=make_cert())
+    provision.add_target(admin, target, user="test")
+    admin.xadd(names.EVENTS, {"v": "1", "id": "e1", "body": b"\x30\x82"})
+    admin.xadd(names.DEAD, {"v": "1", "id": "e0", "body": b"\x30\x82"})
+
+
+LI_KEYS = [names.TARGETS, names.VERSION, names.AUDIT, names.RECORDERS, names.EVENTS, names.DEAD,
+           "spitwall:li:{li}:does-not-exist"]
+
+
+def _noperm(fn: Callable[[], Any]) -> str:
+    with pytest.raises(NoPermissionError) as caught:
+        fn()
+    return str(caught.value)
+
+
+# -- the glob patterns ---------------------------------------------------------------------
+@pytest.mark.parametrize("key", [
+    "spitwall:{cfg}:config", "spitwall:{ip:192.0.2.1}:inv:10:1", "spitwall:{queue}:spam",
+    "spitwall:{audit}:log", "spitwall:la", "spitwall:l", "spitwall:li", "spitwall:lix:1",
+    "spitwall:li{x}:1", "spitwall:", "spitwall:L", "spitwall:Li:x",
+])
+def test_ops_patterns_allow_every_non_li_key(admin: redis.Redis, passwords: dict[str, str],
+                                             key: str) -> None:
+    for role in (acl.OPS, acl.MEDIA):
+        reply = admin.execute_command("ACL", "DRYRUN", acl.user_name(role), "GET", key)
+        assert reply in (b"OK", "OK"), (role, key, reply)
+
+
+@pytest.mark.parametrize("key", [
+    "spitwall:li:", "spitwall:li:{li}:targets", "spitwall:li:{ev}:events", "spitwall:li:x",
+    "spitwall:li::", "other", "", "Spitwall:{cfg}:config", "xspitwall:{cfg}:config",
+])
+def test_ops_patterns_deny_li_and_foreign_keys(admin: redis.Redis, passwords: dict[str, str],
+                                               key: str) -> None:
+    for role in (acl.OPS, acl.MEDIA):
+        reply = admin.execute_command("ACL", "DRYRUN", acl.user_name(role), "GET", key)
+        assert b"no permissions" in reply, (role, key, reply)
+
+
+# -- ops -----------------------------------------------------------------------------------
+def test_ops_cannot_read_or_detect_li_keys(client_for: ClientFor, li_state: None) -> None:
+    ops = client_for(acl.OPS)
+    for key in LI_KEYS:  # existing or not: the same NOPERM, so nothing to detect
+        for fn in (lambda k=key: ops.get(k), lambda k=key: ops.exists(k),
+                   lambda k=key: ops.type(k), lambda k=key: ops.hgetall(k),
+                   lambda k=key: ops.xrange(k), lambda k=key: ops.ttl(k),
+                   lambda k=key: ops.delete(k), lambda k=key: ops.hset(k, "a", "b"),
+                   lambda k=key: ops.execute_command("OBJECT", "ENCODING", k),
+                   lambda k=key: ops.execute_command("MEMORY", "USAGE", k)):
+            assert "no permissions" in _noperm(fn)
+    # a script reading a key it did not declare is checked too
+    script = "return redis.call('GET', 'spitwall:li:{li}:version')"
+    with pytest.raises(redis.ResponseError, match=r"can't access|no permissions"):
+        ops.eval(script, 0)
+
+
+@pytest.mark.parametrize("command", [
+    ("SCAN", "0"), ("SCAN", "0", "MATCH", "spitwall:li:*"), ("KEYS", "*"), ("DBSIZE",),
+    ("RANDOMKEY",), ("MONITOR",), ("INFO", "keyspace"), ("MEMORY", "STATS"),
+    ("CLIENT", "LIST"), ("CLIENT", "TRACKING", "on", "BCAST", "PREFIX", "spitwall:li:"),
+    ("CONFIG", "GET", "*"), ("DEBUG", "OBJECT", "x"), ("SLOWLOG", "GET"), ("ACL", "LOG"),
+    ("ACL", "GETUSER", "spitwall-li-admin"), ("ACL", "LIST"), ("SORT", "spitwall:x"),
+    ("FLUSHALL",), ("FLUSHDB",), ("SWAPDB", "0", "1"), ("SUBSCRIBE", "__keyspace@0__:x"),
+    ("PSUBSCRIBE", "__keyspace@0__:spitwall:li:*"), ("PUBSUB", "CHANNELS"),
+    ("FUNCTION", "LIST"), ("SCRIPT", "FLUSH"), ("CLUSTER", "GETKEYSINSLOT", "0", "10"),
+    ("SYNC",), ("LATENCY", "LATEST"), ("OBJECT", "FREQ", "spitwall:x"),
+])
+def test_ops_cannot_enumerate_keys(client_for: ClientFor, admin: redis.Redis,
+                                   command: tuple[str, ...]) -> None:
+    why = admin.execute_command("ACL", "DRYRUN", acl.user_name(acl.OPS), *command)
+    assert b"no permissions" in why
+    if command[0] == "DEBUG":  # refused by enable-debug-command before the ACL check
+        return
+    ops = client_for(acl.OPS)
+    conn = ops.connection_pool.get_connection()
+    try:
+        conn.send_command(*command)
+        with pytest.raises(NoPermissionError):
+            conn.read_response()
+    finally:
+        ops.connection_pool.release(conn)
+
+
+def test_ops_cli_works_as_ops_user(urls: dict[str, str], tmp_path: Path, admin: redis.Redis,
+                                   capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch, li_state: None) -> None:
+    """Every kind of operator command, run by the real CLI with the ops user."""
+    monkeypatch.delenv("SPITWALL_REDIS", raising=False)
+    monkeypatch.setenv("SPITWALL_QUEUE_DIR", str(tmp_path / "queue"))
+    # a stored decision and a queued message for explain / queue commands
+    store = Store(urls[acl.PROXY], timeout=2.0)
+    try:
+        dec = Decision(Action.REJECT, 0.9, (Contribution("rate_ip", 0.9, 1.0, "fast"),),
+                       rule="score")
+        store.record(attempt(call_id="c-ops@x"), dec)
+        store.versions()  # drains the deferred replies
+    finally:
+        store.close()
+    media = redis.Redis.from_url(urls[acl.MEDIA])
+    msg = MessageQueue(media, tmp_path / "queue").store(
+        "spam", b"\x00\x00" * 800, {"caller": "+15550001", "caller_key": "tel:15550001",
+                                     "source_ip": "192.0.2.9"})
+    media.close()
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    export = tmp_path / "lists.json"
+    ops_url = urls[acl.OPS]
+    commands = [
+        ["config", "show"], ["config", "set", "divert_threshold", "0.35"],
+        ["config", "set", "stir.trust_dir", str(trust)], ["config", "reset", "divert_threshold"],
+        ["list", "add", "block", "ip", "198.51.100.7", "--ttl", "60", "--reason", "t"],
+        ["list", "show", "block"], ["list", "export", str(export)],
+        ["list", "remove", "block", "ip", "198.51.100.7"], ["list", "import", str(export)],
+        ["explain", "c-ops@x"], ["audit"], ["stats"],
+        ["report", "+15550002", "spam", "--ip", "192.0.2.8"], ["report", "+15550002", "show"],
+        ["queue", "list"], ["queue", "mark", msg.id, "ham"],
+        ["queue", "export", msg.id, str(tmp_path)], ["stir", "fetch"],
+    ]
+    for argv in commands:
+        capsys.readouterr()
+        rc = cli.main([*argv, "--redis", ops_url])
+        _out, err = capsys.readouterr()
+        assert rc == 0, (argv, err)
+    # and the intercept commands are refused, with nothing shown
+    for argv in (["intercept", "list"], ["intercept", "show", "CASE-1"], ["recorder", "list"],
+                 ["intercept", "audit"], ["intercept", "remove", "CASE-1"]):
+        rc = cli.main([*argv, "--redis", ops_url])
+        out, err = capsys.readouterr()
+        assert rc == 1 and "ACL" in err and "CASE" not in out, argv
+    assert admin.hexists(names.TARGETS, "CASE-1")
+
+
+# -- media ---------------------------------------------------------------------------------
+def test_media_user_runs_the_answering_machine_calls(client_for: ClientFor,
+                                                     tmp_path: Path) -> None:
+    media = client_for(acl.MEDIA)
+    cfg, _raw = config_admin.show(media)
+    q = MessageQueue(media, tmp_path, max_items=1)
+    first = q.store("voicemail", b"\x00\x00" * 800, {"caller": "a"})
+    q.store("voicemail", b"\x00\x00" * 800, {"caller": "b"})  # trims the first (max_items=1)
+    assert [m.meta["caller"] for m in q.list("voicemail")] == ["b"]
+    with pytest.raises(ValueError, match="no queued message"):
+        q.get(first.id)
+    out = reputation.apply_feedback(media, caller="+15550003", ip="192.0.2.3",
+                                    kind="report_spam",
+                                    half_life=cfg.get_float("reputation.half_life"))
+    assert set(out) == {"caller", "ip"}
+    assert "no permissions" in _noperm(lambda: media.get(names.TARGETS))
+    assert "no permissions" in _noperm(lambda: media.execute_command("SCAN", "0"))
+    assert "no permissions" in _noperm(lambda: media.execute_command("FLUSHALL"))
+
+
+# -- proxy ---------------------------------------------------------------------------------
+def test_proxy_store_works_as_proxy_user(urls: dict[str, str], admin: redis.Redis,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The request-path Store, every method, with the proxy user: no error of any kind."""
+    admin.script_flush()  # so the Store also loads its scripts itself
+    store = Store(urls[acl.PROXY], timeout=2.0)
+    store.watch_keys = (names.VERSION,)  # the intercept hook reads the target version
+    try:
+        cfg = store.fetch_config()
+        lists = store.fetch_lists()
+        att = attempt(call_id="c-proxy@x")
+        signals = store.observe(att, cfg)
+        assert signals.available and lists.version == 0
+        dec = Decision(Action.DIVERT, 0.5, (Contribution("rate_ip", 0.5, 1.0, "x"),),
+                       rule="score")
+        store.record(att, dec, x5u_miss="https://cert.example/x.pem")
+        store.feedback(caller_key="tel:15550004", ip="192.0.2.4", kind="short_call",
+                       half_life=86400.0)
+        store.note_scanner("192.0.2.5")
+        store.count("kemi_error:test")
+        store.versions()
+        assert store.last_caller("15550100") is not None
+        store.fetch_hash(names.TARGETS)
+        store.defer([["XADD", names.EVENTS, "*", "v", "1", "id", "e9"]])
+        store.versions()
+    finally:
+        store.close()
+    assert "deferred redis write failed" not in caplog.text
+    assert store.errors == 0
+    assert admin.xlen(names.EVENTS) == 1
+    assert admin.hget(keys.STATS, "kemi_error:test") == b"1"
+
+
+def test_proxy_reads_targets_appends_events_and_nothing_more(client_for: ClientFor,
+                                                             li_state: None) -> None:
+    proxy = client_for(acl.PROXY)
+    assert proxy.hgetall(names.TARGETS)
+    assert proxy.get(names.VERSION) == b"1"
+    proxy.xadd(names.EVENTS, {"v": "1", "id": "e2", "body": b"x"})
+    for fn in (lambda: proxy.xrange(names.EVENTS), lambda: proxy.xlen(names.EVENTS),
+               lambda: proxy.xrevrange(names.EVENTS),
+               lambda: proxy.xreadgroup("g", "c", {names.EVENTS: ">"}),
+               lambda: proxy.hset(names.TARGETS, "X", b"y"),
+               lambda: proxy.hdel(names.TARGETS, "CASE-1"), lambda: proxy.delete(names.TARGETS),
+               lambda: proxy.incr(names.VERSION), lambda: proxy.set(names.VERSION, "9"),
+               lambda: proxy.xadd(names.AUDIT, {"a": "b"}),
+               lambda: proxy.xadd(names.DEAD, {"a": "b"}), lambda: proxy.xrange(names.DEAD),
+               lambda: proxy.delete(names.EVENTS),
+               lambda: proxy.execute_command("XTRIM", names.EVENTS, "MAXLEN", "0"),
+               lambda: proxy.hgetall(names.RECORDERS), lambda: proxy.xrange(names.AUDIT),
+               lambda: proxy.hgetall(names.SUBSCRIPTIONS),
+               lambda: proxy.execute_command("SCAN", "0"), lambda: proxy.keys("*")):
+        _noperm(fn)
+
+
+# -- intercept admin -----------------------------------------------------------------------
+def test_admin_provisions_and_cannot_erase_the_audit(client_for: ClientFor, li_state: None,
+                                                     admin: redis.Redis) -> None:
+    li = client_for(acl.LI_ADMIN)
+    target = provision.build_target(liid="CASE-2", identities=["sip:bob@example.com"],
+                                    deliver_to="subscribe", cert_pem=make_cert())
+    assert provision.add_target(li, target) is False
+    assert [t.liid for t in provision.list_targets(li)[0]] == ["CASE-1", "CASE-2"]
+    provision.recorder_allow(li, ["192.0.2.50"], user="rec", password="pw")
+    provision.recorder_remove(li, ["192.0.2.50"])
+    provision.remove_target(li, "CASE-2")
+    assert len(provision.audit_tail(li, None)) == 5
+    assert provision.audit_integrity(li)["removed"] == 0
+    # dead-letter replay: read the dead letter, re-queue it, drop it from the dead stream
+    ((dead_id, fields),) = li.xrange(names.DEAD)
+    li.xadd(names.EVENTS, fields)
+    assert li.xdel(names.DEAD, dead_id) == 1
+    audit_len = admin.xlen(names.AUDIT)
+    for command in (("DEL", names.AUDIT), ("UNLINK", names.AUDIT),
+                    ("XTRIM", names.AUDIT, "MAXLEN", "0"), ("XDEL", names.AUDIT, "0-1"),
+                    ("EXPIRE", names.AUDIT, "1"), ("PEXPIRE", names.AUDIT, "1"),
+                    ("RENAME", names.AUDIT, "spitwall:li:{li}:old"),
+                    ("XSETID", names.AUDIT, "9999999999999-0"), ("DEL", names.TARGETS),
+                    ("RESTORE", names.AUDIT, "0", "x", "REPLACE"), ("FLUSHALL",),
+                    ("GET", keys.CONFIG_VERSION), ("SCAN", "0"), ("KEYS", "*"),
+                    ("CONFIG", "SET", "appendonly", "no")):
+        _noperm(lambda c=command: li.execute_command(*c))  # type: ignore[misc]
+    assert admin.xlen(names.AUDIT) == audit_len
+
+
+# -- delivery worker -----------------------------------------------------------------------
+def test_deliver_consumes_the_stream(client_for: ClientFor, li_state: None,
+                                     admin: redis.Redis) -> None:
+    d = client_for(acl.DELIVER)
+    d.xgroup_create(names.EVENTS, names.EVENTS_GROUP, id="0", mkstream=True)
+    got = d.xreadgroup(names.EVENTS_GROUP, "w1", {names.EVENTS: ">"}, count=10)
+    ((_stream, entries),) = got
+    (entry_id, _fields) = entries[0]
+    assert d.xpending(names.EVENTS, names.EVENTS_GROUP)["pending"] == 1
+    d.xautoclaim(names.EVENTS, names.EVENTS_GROUP, "w2", min_idle_time=0)
+    d.xclaim(names.EVENTS, names.EVENTS_GROUP, "w1", 0, [entry_id])
+    assert d.xack(names.EVENTS, names.EVENTS_GROUP, entry_id) == 1
+    d.xinfo_stream(names.EVENTS)
+    d.xinfo_groups(names.EVENTS)
+    assert d.xlen(names.EVENTS) == 1 and d.xrange(names.DEAD)
+    d.xadd(names.DEAD, {"v": "1", "id": "e1"})
+    d.xdel(names.EVENTS, entry_id)
+    d.hincrby(names.DELIVERY_STATS, "delivered", 1)
+    d.hset(names.SUBSCRIPTIONS, "sub1", b"x")
+    assert d.hget(names.SUBSCRIPTIONS, "sub1") == b"x"
+    d.expire(names.SUBSCRIPTIONS, 3600)
+    d.hdel(names.SUBSCRIPTIONS, "sub1")
+    d.hgetall(names.RECORDERS)
+    assert d.hgetall(names.TARGETS)
+    d.get(names.VERSION)
+    d.xadd(names.AUDIT, {"ts": f"{time.time():.3f}", "user": "deliver",
+                         "action": "subscribe.refused", "liid": "", "address": "192.0.2.99",
+                         "detail": json.dumps({})})
+    for command in (("DEL", names.AUDIT), ("XTRIM", names.AUDIT, "MAXLEN", "0"),
+                    ("XDEL", names.AUDIT, "0-1"), ("DEL", names.EVENTS),
+                    ("EXPIRE", names.AUDIT, "1"), ("EXPIRE", names.TARGETS, "1"),
+                    ("HSET", keys.CONFIG, "a", "b"), ("GET", keys.CONFIG_VERSION),
+                    ("SCAN", "0"), ("FLUSHALL",)):
+        _noperm(lambda c=command: d.execute_command(*c))  # type: ignore[misc]
+    assert provision.audit_integrity(admin)["removed"] == 0
+
+
+# -- applying the users --------------------------------------------------------------------
+def test_apply_users_is_idempotent_and_resets_passwords(admin: redis.Redis, redis_url: str,
+                                                       passwords: dict[str, str]) -> None:
+    before = admin.acl_getuser(acl.user_name(acl.PROXY))
+    fresh = acl.generate_passwords()
+    assert fresh != passwords and all(len(p) == 64 for p in fresh.values())
+    assert acl.apply_users(admin, fresh) == [acl.user_name(r) for r in acl.ROLES]
+    after = admin.acl_getuser(acl.user_name(acl.PROXY))
+    assert {k: v for k, v in before.items() if k != "passwords"} == \
+        {k: v for k, v in after.items() if k != "passwords"}
+    old = redis.Redis.from_url(acl.user_url(redis_url, acl.OPS, passwords[acl.OPS]))
+    new = redis.Redis.from_url(acl.user_url(redis_url, acl.OPS, fresh[acl.OPS]))
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            old.ping()
+        assert new.ping()
+    finally:
+        old.close()
+        new.close()
+
+
+def test_keep_other_passwords_for_a_shared_redis(admin: redis.Redis, redis_url: str,
+                                                 passwords: dict[str, str]) -> None:
+    second = acl.generate_passwords([acl.PROXY])
+    acl.apply_users(admin, second, keep_other_passwords=True)
+    for pw in (passwords[acl.PROXY], second[acl.PROXY]):
+        c = redis.Redis.from_url(acl.user_url(redis_url, acl.PROXY, pw))
+        assert c.ping()
+        c.close()
+    acl.remove_passwords(admin, second)
+    c = redis.Redis.from_url(acl.user_url(redis_url, acl.PROXY, second[acl.PROXY]))
+    with pytest.raises(redis.AuthenticationError):
+        c.ping()
+    c.close()
+    acl.remove_passwords(admin, second)  # already gone: no error
+    admin.execute_command("ACL", "DELUSER", acl.user_name(acl.PROXY))
+    acl.remove_passwords(admin, second)  # user gone (a restarted Redis): no error
+    acl.apply_users(admin, {acl.PROXY: passwords[acl.PROXY]})
+
+
+def test_user_url_and_errors() -> None:
+    assert acl.user_url("redis://127.0.0.1:6390/0", acl.PROXY, "ab12") == \
+        "redis://spitwall-proxy:ab12@127.0.0.1:6390/0"
+    assert acl.user_url("redis://old:pw@[::1]:6390/2", acl.LI_ADMIN, "x") == \
+        "redis://spitwall-li-admin:x@[::1]:6390/2"
+    assert acl.user_url("redis://localhost", acl.OPS, "p/q") == \
+        "redis://spitwall-ops:p%2Fq@localhost/0"
+    with pytest.raises(ValueError, match="unix"):
+        acl.user_url("unix:///tmp/redis.sock", acl.OPS, "x")
+    with pytest.raises(ValueError, match="unknown Redis role"):
+        acl.rules("root")
+    with pytest.raises(ValueError, match="password"):
+        acl.apply_users(None, {acl.OPS: "has space"})
+    assert "spitwall-ops: " in acl.describe()
