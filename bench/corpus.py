@@ -63,7 +63,7 @@ from media import audio  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "out" / "corpus"
 LISTEN_AFTER_MS = 3000
-VERSION = 3  # bump when the generator changes what it makes, so stale corpora are rebuilt
+VERSION = 4  # bump when the generator changes what it makes, so stale corpora are rebuilt
 
 PEOPLE = ("silent", "noise", "hello", "breath_cough", "after_beep", "hello_after_beep")
 BOTS = ("talk_at_once", "loop", "delay", "pause_resume")
@@ -196,8 +196,8 @@ DEV2 = Split(
     hellos={"en": ("Hello, yes?", "Who's this?"), "de": ("Hallo, wer ist da?",)},
 )
 
-HELDOUT = Split(
-    name="heldout",
+DEV3 = Split(
+    name="dev3",
     voices=("en-gb-x-gbcwmd+m5", "en-029+f5", "en-gb-x-gbclan+m7", "de+f1"),
     seed=4000,
     bot_texts={
@@ -232,12 +232,50 @@ HELDOUT = Split(
     hellos={"en": ("Hello?", "Hello, anyone there?"), "de": ("Ja, hallo?",)},
 )
 
-SPLITS = (TUNING, DEV, DEV2, HELDOUT)
+HELDOUT = Split(
+    name="heldout",
+    voices=("en-us+Annie", "en-gb-x-rp+m6", "en-us+Andy", "de+m2"),
+    seed=5000,
+    bot_texts={
+        "en": (
+            "Hello, this is an urgent message from the customs office. A parcel in your name "
+            "has been held. Press one to pay the release fee and avoid a penalty.",
+            "Hi there! We are giving away gift cards to our valued customers this week. Stay "
+            "on the line to find out how to claim yours.",
+            "This call is from your internet provider. Your service will be disconnected "
+            "within twenty four hours. Press one to speak to a technician.",
+            "Hi, it's Sam. Ring me back.",
+        ),
+        "de": (
+            "Guten Tag, hier ist die Verbraucherzentrale. Sie haben Anspruch auf eine "
+            "Erstattung. Drücken Sie die Eins, um Ihre Daten zu bestätigen.",
+            "Hallo, hier spricht Ihr Energieversorger. Ihr Tarif wird morgen teurer. Bleiben "
+            "Sie dran für ein besseres Angebot.",
+            "Hier ist Tim. Melde dich.",
+        ),
+    },
+    loop_texts={
+        "en": ("Your account needs attention.", "Press nine to be removed from our list."),
+        "de": ("Ihr Konto braucht Ihre Aufmerksamkeit.",),
+    },
+    answers={
+        "en": (
+            "Hi, it's Emma, I found your wallet at the station, call me back.",
+            "Hello, this is the garage, your car is ready to be picked up.",
+            "Hey, it's dad, are we still on for dinner tonight?",
+        ),
+        "de": ("Guten Abend, hier ist Klaus von nebenan, dein Paket liegt bei mir.",),
+    },
+    hellos={"en": ("Yes?", "Hello, who's calling?"), "de": ("Hallo?", "Ja, wer ist dran?")},
+)
+
+SPLITS = (TUNING, DEV, DEV2, DEV3, HELDOUT)
 SPEEDS = (130, 160, 200)
 NOISE_SNRS: tuple[float | None, ...] = (None, 20.0, 10.0)
 COLORS = ("white", "pink", "brown")
 HELLO_MAX_MS = 1200  # a pickup "hello?" is at most this long (active speech)
 BOT_MIN_LEFT_MS = 2500  # a bot already talking has at least this much message left (resolve)
+DEFAULT_PER_CLASS = {"tuning": 40, "dev": 40, "dev2": 40, "dev3": 40, "heldout": 100}
 ALL_HELLOS = frozenset(h for s in SPLITS for texts in s.hellos.values() for h in texts)
 
 
@@ -607,7 +645,7 @@ def build(out: Path = DEFAULT_OUT, *, per_class: dict[str, int] | None = None,
           force: bool = False, workers: int | None = None, quiet: bool = False) -> Path:
     """Generate the corpus into ``out`` (unless an identical one is there) and return the
     manifest's path."""
-    per = per_class or {"tuning": 12, "dev": 16, "dev2": 16, "heldout": 40}
+    per = per_class or DEFAULT_PER_CLASS
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     win = greeting_window(out)
@@ -664,10 +702,11 @@ def load(manifest: Path) -> tuple[Window, list[dict[str, Any]]]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--tuning-per-class", type=int, default=12)
-    ap.add_argument("--dev-per-class", type=int, default=16)
-    ap.add_argument("--dev2-per-class", type=int, default=16)
-    ap.add_argument("--heldout-per-class", type=int, default=40)
+    ap.add_argument("--tuning-per-class", type=int, default=DEFAULT_PER_CLASS["tuning"])
+    ap.add_argument("--dev-per-class", type=int, default=DEFAULT_PER_CLASS["dev"])
+    ap.add_argument("--dev2-per-class", type=int, default=DEFAULT_PER_CLASS["dev2"])
+    ap.add_argument("--dev3-per-class", type=int, default=DEFAULT_PER_CLASS["dev3"])
+    ap.add_argument("--heldout-per-class", type=int, default=DEFAULT_PER_CLASS["heldout"])
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     ap.add_argument("--workers", type=int, default=None, help="espeak-ng processes in parallel")
     args = ap.parse_args(argv)
@@ -675,6 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         build(args.out, per_class={"tuning": args.tuning_per_class,
                                    "dev": args.dev_per_class,
                                    "dev2": args.dev2_per_class,
+                                   "dev3": args.dev3_per_class,
                                    "heldout": args.heldout_per_class},
               force=args.force, workers=args.workers)
     except (audio.AudioToolError, OSError) as exc:

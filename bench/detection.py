@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=corpus.DEFAULT_OUT)
     ap.add_argument("--split", default="heldout",
-                    help="heldout (default), tuning, dev, dev2, all, or several joined by '+'")
+                    help="heldout (default), tuning, dev, dev2, dev3, all, or several joined by "
+                    "'+'")
     ap.add_argument("--loss", type=float, default=0.05,
                     help="max packet loss rate; each call draws its rate in [0, LOSS]")
     ap.add_argument("--late", type=float, default=0.01, help="fraction of frames delivered late")
@@ -253,9 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
-        if args.split != "all" and not set(args.split.split("+")) <= {
-                "tuning", "dev", "dev2", "heldout"}:
-            raise ValueError(f"--split {args.split!r}: use heldout, tuning, dev, dev2, all "
+        names = {sp.name for sp in corpus.SPLITS}
+        if args.split != "all" and not set(args.split.split("+")) <= names:
+            raise ValueError(f"--split {args.split!r}: use {', '.join(sorted(names))}, all "
                              "or several joined by '+'")
         if not 0 <= args.loss < 1 or not 0 <= args.late < 1:
             raise ValueError("--loss and --late must be within [0, 1)")

@@ -117,6 +117,8 @@ class LabState:
     users_file: str | None = None
     #: the users were created on a Redis we do not own: our passwords are removed at `down`
     users_shared: bool = False
+    #: the intercept delivery worker (`spitwall deliver`): SUBSCRIBE Event: srtp goes there
+    deliver_uri: str = ""
 
     @property
     def sip_uri(self) -> str:
@@ -173,9 +175,8 @@ class ExtraService:
     redis_role: str | None = None
 
 
-#: Services the lab starts after Kamailio. The answering machine (``media/``) and the intercept
-#: delivery worker (``intercept/``) are added here by the issues that implement them; until then
-#: the lab runs Redis and Kamailio only, and nothing is started (or reported) for them.
+#: Services the lab starts after Kamailio: the answering machine (``media/``) and the intercept
+#: delivery worker (``intercept/``), appended below.
 EXTRA_SERVICES: list[ExtraService] = []
 
 
@@ -190,6 +191,18 @@ def _media_argv(state: LabState) -> list[str]:
             "--queue-dir", str(work / "queue"), "--prompts-dir", str(work / "prompts")]
 
 
+def _deliver_port(state: LabState) -> int:
+    return int(state.deliver_uri.rsplit(":", 1)[1].split(";", 1)[0])
+
+
+def _deliver_argv(state: LabState) -> list[str]:
+    work = Path(state.workdir)
+    return [sys.executable, "-m", "intercept.deliver", "--sip-addr", state.sip_addr,
+            "--sip-port", str(_deliver_port(state)),
+            "--proxy", f"{_uri_host(state.sip_addr)}:{state.sip_port}",
+            "--stats-file", str(work / "deliver-stats.json")]
+
+
 #: The phase-2 answering machine (`spitwall media`), on the MEDIA_URI port Kamailio diverts to.
 #: The first start synthesises the prompts with espeak-ng, hence the longer timeout.
 EXTRA_SERVICES.append(ExtraService(
@@ -199,6 +212,17 @@ EXTRA_SERVICES.append(ExtraService(
     expect=lambda st: ["media.server", str(_media_port(st))],
     timeout=90.0,
     redis_role="media",
+))
+
+#: The intercept delivery worker (`spitwall deliver`), on the DELIVER_URI port; it runs as the
+#: Redis user `spitwall-deliver` when the lab created the users.
+EXTRA_SERVICES.append(ExtraService(
+    name="deliver",
+    argv=_deliver_argv,
+    ready=lambda st: sip_options_ping(st.sip_addr, _deliver_port(st), 0.5) == 200,
+    expect=lambda st: ["intercept.deliver", str(_deliver_port(st))],
+    timeout=30.0,
+    redis_role="deliver",
 ))
 
 
@@ -455,6 +479,7 @@ class Lab:
             redis_url=redis_url,
             next_hop=next_hop,
             media_uri=f"sip:spitwall-am@{_uri_host(sip_addr)}:{media_port}",
+            deliver_uri=f"sip:spitwall-li@{_uri_host(sip_addr)}:{free_port(sip_addr, 'udp')}",
             children=children,
             kamailio_cfg=str(self.kamailio_cfg),
             own_redis=own_redis,
@@ -565,6 +590,7 @@ class Lab:
             "-A", f"REDIS_URL={redis_define}",
             "-A", f"NEXT_HOP={state.next_hop or 'none'}",
             "-A", f"MEDIA_URI={state.media_uri}",
+            "-A", f"DELIVER_URI={state.deliver_uri or 'none'}",
             "-A", f"CHILDREN={state.children}",
             "-A", f"SPITWALL_ROOT={REPO_ROOT}",
             # kamailio.cfg loads the handler by path; a string define must carry its quotes.
@@ -822,6 +848,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"  Redis users {state.users_file}  (role URLs with passwords, mode 0600)")
     print(f"  next hop    {state.next_hop or 'none'}")
     print(f"  media URI   {state.media_uri}")
+    if state.deliver_uri:
+        print(f"  deliver URI {state.deliver_uri}  (intercept delivery worker; SUBSCRIBE srtp)")
     print("  pids        " + ", ".join(f"{name} {pid}" for name, pid in state.pids.items()))
     print("  logs        " + ", ".join(state.logs.values()))
     return 0

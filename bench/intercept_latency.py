@@ -21,7 +21,7 @@ Per round it reports:
 
 The summary prints the ratios target/plain of the medians over rounds. The target case's
 recipient certificate is RSA-2048 (each event costs one RSA encryption of a fresh AES key).
-Run: ``.venv/bin/python bench/intercept.py [--calls 400 --rate 100 --rounds 3] [--json]``.
+Run: ``.venv/bin/python bench/intercept_latency.py [--calls 400 --rate 100 --rounds 3] [--json]``.
 """
 
 from __future__ import annotations
