@@ -63,13 +63,15 @@ def test_lab_fixture_is_up_and_answers(lab: Lab, redis_server: RedisServer) -> N
     assert _options(lab) == 200
     assert state.redis_url == redis_server.url
     assert not state.own_redis
-    assert list(state.pids) == ["kamailio", "media"]  # media: the answering machine
+    # media: the answering machine; deliver: the intercept delivery worker
+    assert list(state.pids) == ["kamailio", "media", "deliver"]
     kamailio = state.pids["kamailio"]
     assert pid_alive(kamailio)
     assert str(lab.workdir) in " ".join(pid_cmdline(kamailio) or [])
     saved = json.loads(lab.state_path.read_text())
     assert saved["sip_port"] == state.sip_port
-    assert saved["pids"] == {"kamailio": kamailio, "media": state.pids["media"]}
+    assert saved["pids"] == {"kamailio": kamailio, "media": state.pids["media"],
+                             "deliver": state.pids["deliver"]}
     assert Path(state.logs["kamailio"]).is_file()
     rows = lab.status()
     assert rows is not None
@@ -77,6 +79,7 @@ def test_lab_fixture_is_up_and_answers(lab: Lab, redis_server: RedisServer) -> N
         ("redis", True, True),
         ("kamailio", True, True),
         ("media", True, True),
+        ("deliver", True, True),
     ]
 
 
@@ -131,6 +134,7 @@ def test_up_replaces_stale_state(lab_factory: LabFactory) -> None:
     assert lab.state is not None
     stop_pid(lab.state.pids["kamailio"], "kamailio")
     stop_pid(lab.state.pids["media"], "media.server")
+    stop_pid(lab.state.pids["deliver"], "intercept.deliver")
     rows = lab.status()
     assert rows is not None and not all(r.ok for r in rows)
     state = lab.up(redis_url=lab.state.redis_url, children=1)
@@ -144,7 +148,7 @@ def test_own_redis_started_and_stopped_in_order(
     try:
         state = lab.up(children=1)
         assert state.own_redis
-        assert list(state.pids) == ["redis", "kamailio", "media"]
+        assert list(state.pids) == ["redis", "kamailio", "media", "deliver"]
         host_port = state.redis_url.removeprefix("redis://").removesuffix("/0")
         host, port = host_port.rsplit(":", 1)
         assert redis_ping(host, int(port))
@@ -160,7 +164,7 @@ def test_own_redis_started_and_stopped_in_order(
 
         monkeypatch.setattr(lab_module, "stop_pid", recording_stop)
         lab.down()
-        assert stopped == ["media", "kamailio", "redis"]
+        assert stopped == ["deliver", "media", "kamailio", "redis"]
         assert not redis_ping(host, int(port), 0.5)
         assert not any(pid_alive(pid) for pid in state.pids.values())
     finally:
@@ -182,7 +186,7 @@ def test_down_leaves_reused_pid_alone(lab: Lab, tmp_path: Path) -> None:
         rows = lab.status()
         assert rows is not None
         assert [(r.name, r.alive) for r in rows] == [("redis", True), ("kamailio", False),
-                                                     ("media", True)]
+                                                     ("media", True), ("deliver", True)]
         state, warnings = lab.down()
         assert state is not None
         assert pid_alive(stranger)
@@ -259,7 +263,8 @@ def test_cli_up_status_down(tmp_path: Path, redis_url: str, request: pytest.Fixt
     finally:
         down = _cli("lab", "down", "--workdir", workdir)
     assert down.returncode == 0, down.stderr
-    assert "stopped media" in down.stdout and "kamailio (pid" in down.stdout
+    assert "stopped deliver" in down.stdout and "media (pid" in down.stdout
+    assert "kamailio (pid" in down.stdout
     assert not pid_alive(state["pids"]["kamailio"])
 
     status = _cli("lab", "status", "--workdir", workdir)
