@@ -28,6 +28,7 @@ SIP worker (slower for that call, nothing lost).
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -77,6 +78,7 @@ class KemiTap:
 
     def __init__(self) -> None:
         self.tap = Tap()
+        self._niced = False
 
     # -- state ---------------------------------------------------------------------------
     def sync(self, svc: ScoringService) -> None:
@@ -113,6 +115,15 @@ class KemiTap:
     # -- the timer process ---------------------------------------------------------------
     def drain(self, svc: ScoringService) -> int:
         """Build, encrypt and queue the events of the noted work items (rtimer process)."""
+        if not self._niced:
+            # This process only does deferred work: under CPU contention the SIP workers go
+            # first, so the cryptography never shows in a target's signalling timing.
+            self._niced = True
+            try:
+                os.nice(10)
+            except OSError as exc:
+                svc.counters["li_nice_failed"] += 1
+                KSR.warn(f"spitwall: could not lower the intercept timer's priority: {exc}\n")
         n = 0
         if int(KSR.mqueue.mq_size(QUEUE)) <= 0:
             if self.tap.backlog:
