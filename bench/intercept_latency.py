@@ -17,7 +17,9 @@ Per round it reports:
   target match, Origination event built and encrypted, queued) and the 180/200 reply routes
   (for a target: key and Answer events built and encrypted, queued);
 * Kamailio CPU time per call (all its processes, /proc/<pid>/stat);
-* events queued per call (XLEN of the event stream; nothing consumes it during the run).
+* events delivered per call: the lab's delivery worker PUBLISHes them to a recorder in the bench
+  process (tests/integration/recorder.py) that acknowledges without decrypting, so the whole
+  chain runs as in production (proxy, timer process, Redis stream, worker).
 
 The summary prints the ratios target/plain of the medians over rounds. The target case's
 recipient certificate is RSA-2048 (each event costs one RSA encryption of a fresh AES key).
@@ -60,6 +62,7 @@ from ops.sipp import (  # noqa: E402
     sipp_binary,
     stop_popen,
 )
+from tests.integration.recorder import Recorder  # noqa: E402
 from tests.intercept_certs import make_recipient  # noqa: E402
 
 SUITE = "AES_CM_128_HMAC_SHA1_80"
@@ -129,6 +132,8 @@ class InterceptBench:
         self.uas: subprocess.Popen[bytes] | None = None
         self.client: redis.Redis | None = None
         self.kam_pids: list[int] = []
+        # the recorder accepts every PUBLISH (without decrypting: it only acknowledges)
+        self.recorder = Recorder(respond=200, decrypt=False)
 
     def up(self) -> None:
         uas_port = free_udp_port("127.0.0.1")
@@ -145,8 +150,9 @@ class InterceptBench:
         self.client = redis.Redis.from_url(st.redis_url, socket_timeout=10)
         neutralise_scores(self.client)
         rec = make_recipient("bench-recorder")
+        host, port = self.recorder.start("127.0.0.1", 0)
         t = Target(liid="BENCH-1", identities=(normalise_identity(TARGET_CALLER),),
-                   deliver_to="sip:recorder@127.0.0.1:9", cert_pem=rec.cert_pem,
+                   deliver_to=f"sip:recorder@{host}:{port}", cert_pem=rec.cert_pem,
                    start=time.time() - 1)
         self.client.hset(names.TARGETS, t.liid, t.pack())
         self.client.incr(names.VERSION)
@@ -154,6 +160,7 @@ class InterceptBench:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.lab.down()
+        self.recorder.stop()
         if self.uas is not None:
             stop_popen(self.uas)
         if self.client is not None:
@@ -164,7 +171,7 @@ class InterceptBench:
         st = self.lab.state
         wd = self.workdir / tag
         wd.mkdir(parents=True)
-        xlen0 = self.client.xlen(names.EVENTS)
+        delivered0 = self.recorder.raw_count
         cpu0 = cpu_seconds(self.kam_pids)
         cmd = [sipp_binary(), f"{st.sip_addr}:{st.sip_port}", "-sf",
                str(SIPP_DIR / "uac_srtp.xml"), "-s", "bob", "-i", SOURCE,
@@ -178,7 +185,8 @@ class InterceptBench:
         time.sleep(0.5)  # the last BYEs' dialog-end events
         cpu1 = cpu_seconds(self.kam_pids)
         ringing, rtts = _latencies(wd / "messages.log")
-        events = self.client.xlen(names.EVENTS) - xlen0
+        time.sleep(1.0)  # the worker delivers the round's last events
+        events = self.recorder.raw_count - delivered0
         return {"round": tag, "rc": out.returncode, "calls": len(rtts),
                 "ring_p50_ms": round(statistics.median(ringing), 3) if ringing else None,
                 "rtt_p50_ms": round(statistics.median(rtts), 3) if rtts else None,
