@@ -112,6 +112,9 @@ _CONTENT_TYPE = re.compile(
 )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _show(text: str, limit: int = 40) -> str:
     return repr(text[:limit] + "...") if len(text) > limit else repr(text)
 
@@ -131,7 +134,7 @@ def _text_field(value: object, what: str) -> str:
         raise ValueError(f"{what} must be str, not {type(value).__name__}")
     if not value or len(value) > MAX_FIELD:
         raise ValueError(f"{what} must be 1-{MAX_FIELD} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    if _CONTROL.search(value):
         raise ValueError(f"{what} {_show(value)} contains a control character")
     return value
 
@@ -289,7 +292,8 @@ def call_event(
     return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def envelope(body: bytes, content_type: str, recipient_cert_pem: bytes) -> bytes:
+def envelope(body: bytes, content_type: str,
+             recipient_cert_pem: bytes | x509.Certificate) -> bytes:
     """``body`` (of type ``content_type``) as DER S/MIME enveloped-data for the certificate's
     RSA key, AES-256-CBC. The encrypted entity is ``Content-Type: <content_type>`` CRLF CRLF
     ``body``. Send it with `SMIME_CONTENT_TYPE` and `SMIME_CONTENT_DISPOSITION`.
@@ -301,10 +305,13 @@ def envelope(body: bytes, content_type: str, recipient_cert_pem: bytes) -> bytes
         raise ValueError(f"body must be bytes, not {type(body).__name__}")
     if not isinstance(content_type, str) or not _CONTENT_TYPE.fullmatch(content_type):
         raise ValueError(f"content type {_show(str(content_type))} is not 'type/subtype[;...]'")
-    try:
-        certificate = x509.load_pem_x509_certificate(bytes(recipient_cert_pem))
-    except (ValueError, TypeError):
-        raise ValueError("recipient certificate is not a PEM X.509 certificate") from None
+    if isinstance(recipient_cert_pem, x509.Certificate):  # already parsed (hot path)
+        certificate = recipient_cert_pem
+    else:
+        try:
+            certificate = x509.load_pem_x509_certificate(bytes(recipient_cert_pem))
+        except (ValueError, TypeError):
+            raise ValueError("recipient certificate is not a PEM X.509 certificate") from None
     entity = f"Content-Type: {content_type}\r\n\r\n".encode("ascii") + bytes(body)
     try:
         builder = pkcs7.PKCS7EnvelopeBuilder().set_data(entity).add_recipient(certificate)

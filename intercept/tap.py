@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography import x509
+
 from intercept import names
 from intercept.events import (
     CALL_EVENT_CONTENT_TYPE,
@@ -130,6 +132,7 @@ class Tap:
 
     def __init__(self) -> None:
         self.snapshot = TargetSnapshot(version=-1)
+        self._certs: dict[bytes, x509.Certificate] = {}  # parsed recipient certificates
         self.backlog: deque[Command] = deque(maxlen=BACKLOG_MAX)
         self.lost = 0  # events dropped because the backlog overflowed
         self.errors = 0  # events that could not be built (malformed SDP, bad record)
@@ -170,7 +173,13 @@ class Tap:
     # -- events ----------------------------------------------------------------------------
     def _entry(self, target: Target, kind: str, event: str, event_id: str, ctype: str,
                body: bytes, now: float) -> Command:
-        sealed = envelope(body, ctype, target.cert_pem)
+        cert = self._certs.get(target.cert_pem)
+        if cert is None:
+            cert = x509.load_pem_x509_certificate(target.cert_pem)
+            if len(self._certs) > 1000:
+                self._certs.clear()
+            self._certs[target.cert_pem] = cert
+        sealed = envelope(body, ctype, cert)
         fields = {
             "v": names.EVENT_VERSION, "id": event_id, "liid": target.liid, "mode": target.mode,
             "kind": kind, "event": event, "dest": target.deliver_to, "ts": f"{now:.3f}",

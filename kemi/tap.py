@@ -100,11 +100,14 @@ class KemiTap:
         self._process(svc, kind, item)
 
     def _process(self, svc: ScoringService, kind: str, item: dict[str, Any]) -> None:
+        self._queue(svc, self._events(svc, kind, item))
+
+    def _events(self, svc: ScoringService, kind: str, item: dict[str, Any]) -> list[list[Any]]:
         tapped = decode_matches(str(item.get("li", "")))
         if any(self.tap.target(t.liid) is None for t in tapped):
             svc.sync()  # a case this process has not loaded yet
             self.sync(svc)
-        self._queue(svc, self.tap.handle(kind, item))
+        return self.tap.handle(kind, item)
 
     def _queue(self, svc: ScoringService, commands: list[list[Any]]) -> None:
         try:
@@ -131,6 +134,7 @@ class KemiTap:
             return 0
         svc.sync()  # once per busy tick: current targets (the version rides along)
         self.sync(svc)
+        commands: list[list[Any]] = []
         while n < DRAIN_MAX and int(KSR.mqueue.mq_fetch(QUEUE)) > 0:
             n += 1
             kind = _get(f"$mqk({QUEUE})")
@@ -140,7 +144,12 @@ class KemiTap:
                 svc.counters["li_bad_item"] += 1
                 continue
             if isinstance(item, dict):
-                self._process(svc, kind, item)
+                try:
+                    commands += self._events(svc, kind, item)
+                except Exception as exc:  # one bad item must not cost the tick's other events
+                    svc.counters["li_item_error"] += 1
+                    KSR.err(f"spitwall: intercept {kind[:16]} item failed: {exc!r:.200}\n")
+        self._queue(svc, commands)  # one write for the whole tick, in order
         return n
 
     # -- initial INVITE ------------------------------------------------------------------
