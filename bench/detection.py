@@ -7,7 +7,8 @@ their time relative to the greeting start, a random packet loss rate per call (u
 0..``--loss``, default 5 %), and a few frames delivered late (after the next one).
 
 It prints, for one split (default ``heldout``: voices, texts and seeds the thresholds were not
-tuned on; ``tuning``, ``dev`` and ``dev2`` are where they were chosen, see ``bench/corpus.py``):
+tuned on; ``tuning``, ``dev``, ``dev2`` and ``dev3`` are where they were chosen, see
+``bench/corpus.py``):
 
 * the confusion matrix: rows are the truth (people, bots), columns the verdict (human, bot,
   unsure);
@@ -20,15 +21,15 @@ tuned on; ``tuning``, ``dev`` and ``dev2`` are where they were chosen, see ``ben
 * the samples that went wrong, with the features behind the verdict;
 * the detector's cost per 20 ms frame.
 
-    .venv/bin/python bench/detection.py [--split heldout|tuning+dev+dev2|all] [--loss 0.05]
+    .venv/bin/python bench/detection.py [--split heldout|tuning+dev+dev2+dev3|all] [--loss 0.05]
         [--late 0.01] [--json] [--dump FILE] [--set energy_margin_db=6 --set bot_talk_ms=800 ...]
         [--corpus DIR]
 
 Protocol, so that the held-out number means something: change ``DetectorConfig`` only while
-looking at ``--split tuning+dev+dev2``; run the default (held-out) split once per change of
-the detector and report what it says. Once a held-out split has been looked at and the
+looking at ``--split tuning+dev+dev2+dev3``; run the default (held-out) split once per change
+of the detector and report what it says. Once a held-out split has been looked at and the
 detector changed because of it, it becomes a tuning split and a fresh one is made (that is how
-``dev`` and ``dev2`` came to be).
+``dev``, ``dev2`` and ``dev3`` came to be).
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ behaviour on malformed input). Owning these few hundred lines lets every parse f
 * `SsrcTracker` follows the incoming stream: SSRC changes, lost, duplicate and late packets by
   extended sequence number over a sliding window of `SsrcTracker.WINDOW` packets, in constant
   memory whatever the sender does.
+* `MediaClock` places the incoming audio in time by its RTP timestamps, so that a receive loop
+  that stalls and then takes a burst of packets in at once does not squash their audio.
 """
 
 from __future__ import annotations
@@ -458,3 +460,67 @@ class SsrcTracker:
             resyncs=self.resyncs,
             ssrc_changes=self.ssrc_changes,
         )
+
+
+class MediaClock:
+    """When the audio of each received packet began, on the receiver's clock, from the RTP
+    timestamps rather than from the arrival times.
+
+    Arrival times are what the network and the receiver's own scheduling make of the sender's
+    pacing: a receive loop that stalls for 300 ms (another call's work, a busy CPU) takes 15
+    packets in at the same instant, which would put 300 ms of audio on one 20 ms slot. RTP
+    timestamps keep the sender's pacing. The clock maps them onto local time with the smallest
+    ``arrival - timestamp / rate`` seen in the current *run* (the least-delayed packet: later
+    packets were only held up, never early), so a burst is spread back over the time it
+    covers once its last packet, or any packet after it, is in.
+
+    A run ends, and a new one starts from the packet that ends it, at an SSRC change or when a
+    packet's ``arrival - timestamp / rate`` is more than ``max_skew`` (seconds) away from the
+    run's (a sender that jumped its timestamps, or a stall longer than that). Timestamps are
+    extended past 32 bits (wrap-around, late packets); memory is constant, whatever the sender
+    does.
+    """
+
+    def __init__(self, rate: int = 8000, max_skew: float = 1.0) -> None:
+        if rate <= 0 or max_skew <= 0:
+            raise ValueError("rate and max_skew must be positive")
+        self.rate = rate
+        self.max_skew = max_skew
+        self.ssrc: int | None = None
+        self.run = 0  # counts runs; the first packet starts run 1
+        self._offset = 0.0  # min(arrival - extended / rate) over the current run
+        self._high_ts = 0  # raw timestamp of the highest packet of the run
+        self._high_ext = 0  # its extended timestamp (samples since the run's first packet)
+
+    def observe(self, arrival: float, ssrc: int, timestamp: int) -> tuple[int, int]:
+        """Take in one packet; returns its run and its extended timestamp (samples from the
+        run's first packet; negative for a late packet from before it), for ``time``."""
+        _check_range("timestamp", timestamp, 32)
+        if ssrc != self.ssrc:
+            self.ssrc = ssrc
+            return self._restart(arrival, timestamp)
+        delta = (timestamp - self._high_ts) % _TS_MOD
+        if delta >= _TS_MOD // 2:
+            delta -= _TS_MOD  # behind the highest: a late packet
+        ext = self._high_ext + delta
+        value = arrival - ext / self.rate
+        if abs(value - self._offset) > self.max_skew:
+            return self._restart(arrival, timestamp)
+        self._offset = min(self._offset, value)
+        if delta > 0:
+            self._high_ts, self._high_ext = timestamp, ext
+        return self.run, ext
+
+    def _restart(self, arrival: float, timestamp: int) -> tuple[int, int]:
+        self.run += 1
+        self._offset = arrival
+        self._high_ts, self._high_ext = timestamp, 0
+        return self.run, 0
+
+    def time(self, run: int, ext: int) -> float | None:
+        """When the audio of a packet that ``observe`` returned ``(run, ext)`` for began, with
+        what the clock knows now; None when its run is over (the caller falls back to the
+        packet's arrival)."""
+        if run != self.run:
+            return None
+        return self._offset + ext / self.rate

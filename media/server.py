@@ -1,7 +1,9 @@
 """The phase-2 answering machine: SIP UAS + media sessions + outcomes (`spitwall media`).
 
-Kamailio diverts suspicious calls here. For each call: answer (PCMU/PCMA), run the hidden
-Turing test and, as configured, the DTMF CAPTCHA (`media.session`), then act on the verdict:
+Kamailio diverts suspicious calls here. For each call: answer (PCMU/PCMA; with `--ring-ms`,
+after a 180 Ringing and that long a wait, during which a CANCEL ends the call with 487 and
+nothing else happens), run the hidden Turing test and, as configured, the DTMF CAPTCHA
+(`media.session`), then act on the verdict:
 - bot: keep recording the caller's message (up to `media.record_seconds`), put it in the spam
   queue with caller, callee, time, phase-1 score, phase-2 features and verdict, feed the `bot`
   verdict into the caller's and source's reputation, hang up;
@@ -39,6 +41,8 @@ from scoring.config import Config
 from scoring.model import caller_identity
 
 log = logging.getLogger("spitwall.media")
+
+MAX_RING_MS = 60_000  # --ring-ms: callers give up after about a minute of ringing anyway
 
 
 @dataclass
@@ -89,6 +93,14 @@ class Settings:
     #: and at exit); None: nowhere
     stats_file: Path | None = None
     stats_interval: float = 1.0
+    #: ring this long (180 Ringing, then wait) before answering; 0: answer at once, no 180.
+    #: A CANCEL (or the caller's BYE) meanwhile ends the call: 200 for the CANCEL, 487 for
+    #: the INVITE (`media.sip`), and no session, verdict, queue entry or feedback.
+    ring_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ring_ms <= MAX_RING_MS:
+            raise ValueError(f"ring_ms must be within 0-{MAX_RING_MS}")
 
 
 @dataclass
@@ -99,6 +111,7 @@ class Stats:
     queue_failures: int = 0
     transfers: int = 0
     call_errors: int = 0
+    cancelled_ringing: int = 0  # calls the caller cancelled while we rang (--ring-ms)
 
 
 class SendJitter:
@@ -193,7 +206,8 @@ class AnsweringMachine:
         return {"time": time.time(), "active_calls": len(self._tasks) - self._background,
                 "calls": st.calls, "verdicts": dict(st.verdicts), "queued": st.queued,
                 "queue_failures": st.queue_failures, "transfers": st.transfers,
-                "call_errors": st.call_errors, "sip": self.uas.stats.as_dict(),
+                "call_errors": st.call_errors, "cancelled_ringing": st.cancelled_ringing,
+                "sip": self.uas.stats.as_dict(),
                 "send_lateness": self.send_jitter.as_dict()}
 
     def write_stats(self) -> None:
@@ -237,7 +251,6 @@ class AnsweringMachine:
                 call.reject(488, "Not Acceptable Here")
                 return
             loop = asyncio.get_running_loop()
-            # no 180: through a multi-worker proxy it can overtake the 200 and confuse callers
             await self._reload_config()  # phase 2 is not latency-bound: always the live config
             # bind the RTP socket first: the answer must carry its port
             _t, proto = await loop.create_datagram_endpoint(
@@ -256,6 +269,8 @@ class AnsweringMachine:
             call.on_ack = lambda _c: acked.set()
             call.on_end = lambda _c, _r: acked.set()  # caller gone or no ACK: stop waiting
             call.set_time_limit(float(self.config["media.max_call_seconds"]))
+            if not await self._ring(call):
+                return
             if not call.answer(answer):
                 return
             await acked.wait()
@@ -279,6 +294,19 @@ class AnsweringMachine:
                 channel.close()
             if call.active:
                 call.bye()
+
+    async def _ring(self, call: ServerCall) -> bool:
+        """With a ring delay: send 180 Ringing and wait `ring_ms`, or less if the caller
+        cancels (the UAS answers the CANCEL and the INVITE itself). True: go on and answer."""
+        if self.s.ring_ms <= 0:
+            return True  # no 180: through a multi-worker proxy it could overtake the 200
+        if not call.ringing():
+            return False
+        await asyncio.wait({call.ended}, timeout=self.s.ring_ms / 1000)
+        if not call.active:
+            self.stats.cancelled_ringing += 1
+            return False
+        return True
 
     async def _conclude(self, call: ServerCall, session: CallSession, outcome: Outcome,
                         info: CallInfo) -> None:
@@ -372,13 +400,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-dir", type=Path, default=Path(".lab/queue"))
     p.add_argument("--prompts-dir", type=Path, default=Path(".lab/prompts"))
     p.add_argument("--max-calls", type=int, default=150)
+    p.add_argument("--ring-ms", type=int,
+                   default=os.environ.get("SPITWALL_MEDIA_RING_MS") or "0",
+                   help="send 180 Ringing and wait this long before answering (a CANCEL "
+                        "meanwhile gets 487); 0 (default): answer at once "
+                        "(default from $SPITWALL_MEDIA_RING_MS)")
     p.add_argument("--stats-file", type=Path, default=None,
                    help="write counters and RTP send lateness here as JSON (every second, "
                         "on SIGUSR1 and at exit)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    settings = Settings(args.sip_addr, args.sip_port, args.queue_dir, args.prompts_dir,
-                        args.max_calls, stats_file=args.stats_file)
+    try:
+        settings = Settings(args.sip_addr, args.sip_port, args.queue_dir, args.prompts_dir,
+                            args.max_calls, stats_file=args.stats_file, ring_ms=args.ring_ms)
+    except ValueError as exc:
+        p.error(str(exc))
     client = redis.Redis.from_url(args.redis, socket_timeout=2, socket_connect_timeout=2)
 
     async def run() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -23,13 +24,22 @@ import numpy.typing as npt
 from media import g711
 from media.audio import default_prompts, load_pcm
 from media.detector import SpeechKind, SpeechTest, SpeechVerdict
-from media.rtp import DtmfCollector, DtmfEvent, RtpPacket, RtpSender, SeqStatus, SsrcTracker
+from media.rtp import (
+    DtmfCollector,
+    DtmfEvent,
+    MediaClock,
+    RtpPacket,
+    RtpSender,
+    SeqStatus,
+    SsrcTracker,
+)
 from media.sdp import Codec
 
 log = logging.getLogger("spitwall.media.session")
 
 FRAME = 160  # samples per 20 ms at 8 kHz
 FRAME_S = 0.02
+RATE = 8000
 Pcm = npt.NDArray[np.int16]
 
 
@@ -89,7 +99,8 @@ class RtpChannel(asyncio.DatagramProtocol):
         self.codec = codec
         self.remote = remote
         self.transport: asyncio.DatagramTransport | None = None
-        self.frames: asyncio.Queue[tuple[float, Pcm]] = asyncio.Queue(maxsize=500)
+        # (arrival, SSRC, RTP timestamp, audio) of every audio packet, in arrival order
+        self.frames: asyncio.Queue[tuple[float, int, int, Pcm]] = asyncio.Queue(maxsize=500)
         self.digits: asyncio.Queue[str] = asyncio.Queue(maxsize=32)
         self.dtmf = DtmfCollector()
         self.tracker = SsrcTracker()
@@ -125,7 +136,7 @@ class RtpChannel(asyncio.DatagramProtocol):
                 self.garbage += 1
                 return
             if not self.frames.full():
-                self.frames.put_nowait((self._loop.time(), pcm))
+                self.frames.put_nowait((self._loop.time(), pkt.ssrc, pkt.timestamp, pcm))
         elif self.codec.dtmf_pt is not None and pkt.payload_type == self.codec.dtmf_pt:
             try:
                 digit = self.dtmf.feed(pkt.timestamp, DtmfEvent.parse(pkt.payload), pkt.marker)
@@ -144,6 +155,41 @@ class RtpChannel(asyncio.DatagramProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+class TimedFeed:
+    """Feeds the caller's audio to a `SpeechTest`, placed in time by its RTP timestamps.
+
+    Arrival times are taken when this process's event loop gets round to a packet; a loop that
+    stalls (a busy CPU, another call's work) takes a burst of packets in at once, and 300 ms of
+    the caller's audio would land on one 20 ms slot of the test: a "hello?" said 0.3 s into the
+    greeting would look like speech under way when it started. `MediaClock` spreads a burst
+    back over the time its timestamps cover, but only once it has seen the burst's last
+    packet; so each packet is held until a packet that arrived `delay` seconds after it has
+    been seen (or `flush`), then placed with what the clock knows by then.
+    """
+
+    def __init__(self, test: SpeechTest, t0: float, delay: float = 0.1) -> None:
+        self.test = test
+        self.t0 = t0
+        self.delay = delay
+        self.clock = MediaClock(RATE)
+        self._pending: deque[tuple[float, int, int, Pcm]] = deque()  # arrival, run, ext, pcm
+
+    def add(self, arrival: float, ssrc: int, timestamp: int, pcm: Pcm) -> None:
+        run, ext = self.clock.observe(arrival, ssrc, timestamp)
+        self._pending.append((arrival, run, ext, pcm))
+        self._release(arrival - self.delay)
+
+    def flush(self) -> None:
+        """Place everything held (before asking the test for its result)."""
+        self._release(None)
+
+    def _release(self, until: float | None) -> None:
+        while self._pending and (until is None or self._pending[0][0] <= until):
+            arrival, run, ext, pcm = self._pending.popleft()
+            at = self.clock.time(run, ext)
+            self.test.add_frame(((arrival if at is None else at) - self.t0) * 1000.0, pcm)
 
 
 class CallSession:
@@ -185,10 +231,10 @@ class CallSession:
     async def _silence(self, ms: int, start: float) -> float:
         return await self._play(np.zeros(int(ms * 8), dtype=np.int16), start)
 
-    async def _consume(self, t0: float, test: SpeechTest) -> None:
+    async def _consume(self, feed: TimedFeed) -> None:
         while True:
-            arrival, pcm = await self.ch.frames.get()
-            test.add_frame((arrival - t0) * 1000.0, pcm)
+            arrival, ssrc, timestamp, pcm = await self.ch.frames.get()
+            feed.add(arrival, ssrc, timestamp, pcm)
             if len(self.recording) < self.max_record:
                 self.recording += pcm.astype("<i2").tobytes()
 
@@ -198,12 +244,14 @@ class CallSession:
         beep_ms = int(len(self.prompts.beep) / 8)
         test = SpeechTest(greet_ms, beep_ms, self.cfg.listen_after_ms)
         t0 = loop.time()
-        consumer = asyncio.create_task(self._consume(t0, test))
+        feed = TimedFeed(test, t0)
+        consumer = asyncio.create_task(self._consume(feed))
         try:
             t = await self._play(self.prompts.greeting, t0)
             t = await self._play(self.prompts.beep, t)
             await self._silence(self.cfg.listen_after_ms, t)
             await asyncio.sleep(0.05)  # let the last frames in
+            feed.flush()
             verdict = test.result()
             out = Outcome(verdict)
             run_captcha = self.cfg.captcha == "always" or (
@@ -247,7 +295,7 @@ class CallSession:
         while loop.time() < end and not self.hangup.is_set() \
                 and len(self.recording) < self.max_record:
             try:
-                _, pcm = await asyncio.wait_for(self.ch.frames.get(), 0.2)
+                *_, pcm = await asyncio.wait_for(self.ch.frames.get(), 0.2)
             except TimeoutError:
                 pass
             else:

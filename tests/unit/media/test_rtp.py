@@ -1,4 +1,5 @@
-"""RTP packets, RFC 4733 events and the collector, the sender's numbering, the receiver tracker."""
+"""RTP packets, RFC 4733 events and the collector, the sender's numbering, the receiver tracker
+and media clock."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from media.rtp import (
     MAX_PACKET,
     DtmfCollector,
     DtmfEvent,
+    MediaClock,
     RtpExtension,
     RtpPacket,
     RtpSender,
@@ -291,3 +293,54 @@ def test_tracker_random_stream_is_accurate_and_bounded() -> None:
     assert t.duplicates == len(dups)
     assert t.received == len(arrivals)
     assert t._mask.bit_length() <= SsrcTracker.WINDOW
+
+
+# ---------------------------------------------------------------------------------------------
+# MediaClock
+
+
+def _times(clock: MediaClock, packets: list[tuple[float, int, int]]) -> list[float | None]:
+    keys = [clock.observe(*p) for p in packets]
+    return [clock.time(run, ext) for run, ext in keys]
+
+
+def test_clock_spreads_a_burst_back_over_the_time_it_covers() -> None:
+    # 20 ms packets sent from t=1.0; the receiver stalls and takes the first 15 in at 1.30,
+    # then the rest arrive in pace
+    ts0 = 4_000_000_000  # wraps past 2**32 on the way
+    packets = [(max(1.30, 1.0 + 0.02 * k) + 0.001, 7, (ts0 + 160 * k) % 2**32)
+               for k in range(40)]
+    clock = MediaClock()
+    times = _times(clock, packets)
+    assert times == pytest.approx([1.001 + 0.02 * k for k in range(40)])
+    # placed as they come in, the burst would all sit at 1.30
+    early = MediaClock()
+    first = [early.time(*early.observe(*p)) for p in packets[:15]]
+    assert first[0] == pytest.approx(1.301) and first[14] == pytest.approx(1.301)
+
+
+def test_clock_takes_late_packets_and_keeps_the_least_delayed_pace() -> None:
+    clock = MediaClock()
+    packets = [(10.00, 1, 800), (10.021, 1, 960), (10.060, 1, 1280), (10.061, 1, 1120),
+               (10.085, 1, 1440)]  # the packet of ts 1120 came after 1280; jitter of 1-5 ms
+    times = _times(clock, packets)
+    assert times == pytest.approx([10.0, 10.02, 10.06, 10.04, 10.08], abs=1e-9)
+    assert clock.observe(10.2, 1, 640) == (1, -160)  # older than the first: negative
+    assert clock.time(1, -160) == pytest.approx(9.98)
+
+
+def test_clock_starts_a_new_run_on_ssrc_change_and_timestamp_jump() -> None:
+    clock = MediaClock(max_skew=1.0)
+    assert clock.observe(5.0, 1, 1000) == (1, 0)
+    assert clock.observe(5.02, 1, 1160) == (1, 160)
+    assert clock.observe(5.04, 2, 999_999) == (2, 0)  # new SSRC
+    assert clock.time(1, 160) is None  # that run is over: the caller uses the arrival
+    assert clock.time(2, 0) == pytest.approx(5.04)
+    assert clock.observe(5.06, 2, 999_999 + 160 + 8000 * 3600) == (3, 0)  # jumped an hour
+    assert clock.observe(5.08, 2, 999_999 + 320 + 8000 * 3600) == (3, 160)
+    assert clock.time(3, 160) == pytest.approx(5.08)
+    assert clock.run == 3 and clock.ssrc == 2
+    with pytest.raises(ValueError):
+        clock.observe(5.1, 2, 2**32)
+    with pytest.raises(ValueError):
+        MediaClock(rate=0)
