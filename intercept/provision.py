@@ -39,6 +39,7 @@ from intercept.targets import (
     check_certificate,
     check_liid,
     normalise_identity,
+    unpack_record,
 )
 from scoring.audit import os_user
 
@@ -268,12 +269,7 @@ class Recorder:
 
     @classmethod
     def unpack(cls, blob: bytes) -> Recorder:
-        try:
-            d = msgpack.unpackb(blob, raw=False)
-        except (ValueError, msgpack.ExtraData) as exc:
-            raise ValueError(f"recorder record is not msgpack: {exc}") from None
-        if not isinstance(d, dict) or d.get("v") != RECORDER_VERSION:
-            raise ValueError("unknown recorder record version")
+        d = unpack_record(blob, RECORDER_VERSION, "recorder")
         try:
             return cls(address=str(d["address"]), user=str(d.get("user", "")),
                        ha1=str(d.get("ha1", "")), liids=tuple(d.get("liids") or ()),

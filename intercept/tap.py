@@ -41,6 +41,7 @@ from intercept.events import Target as Role
 from intercept.keys import MediaKeys, extract
 from intercept.targets import Match, Target, TargetSnapshot
 from scoring.model import CallAttempt, caller_identity
+from scoring.store import RedisUnavailable
 
 log = logging.getLogger("spitwall.intercept")
 
@@ -326,7 +327,7 @@ class Tap:
             return
         try:
             send(pending)
-        except Exception:
+        except (RedisUnavailable, ConnectionError, OSError):  # the caller counts it
             self.backlog.clear()
             overflow = max(0, len(pending) - BACKLOG_MAX)
             self.lost += overflow

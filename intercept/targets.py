@@ -75,6 +75,17 @@ def normalise_identity(text: str) -> str:
     return caller_identity(user, host)
 
 
+def unpack_record(blob: bytes, version: int, what: str) -> dict[str, Any]:
+    """A versioned msgpack record (dict with "v") -> the dict; `ValueError` names `what`."""
+    try:
+        d = msgpack.unpackb(blob, raw=False)
+    except (ValueError, msgpack.ExtraData) as exc:
+        raise ValueError(f"{what} record is not msgpack: {exc}") from None
+    if not isinstance(d, dict) or d.get("v") != version:
+        raise ValueError(f"unknown {what} record version")
+    return d
+
+
 def check_liid(liid: str) -> str:
     if not isinstance(liid, str) or not _LIID.fullmatch(liid):
         raise ValueError(f"LIID {_show(liid)} must be 1-64 characters of A-Z a-z 0-9 . _ -")
@@ -149,12 +160,7 @@ class Target:
 
     @classmethod
     def unpack(cls, blob: bytes) -> Target:
-        try:
-            d = msgpack.unpackb(blob, raw=False)
-        except (ValueError, msgpack.ExtraData) as exc:
-            raise ValueError(f"target record is not msgpack: {exc}") from None
-        if not isinstance(d, dict) or d.get("v") != RECORD_VERSION:
-            raise ValueError("unknown target record version")
+        d = unpack_record(blob, RECORD_VERSION, "target")
         try:
             return cls(
                 liid=d["liid"], identities=tuple(d["ids"]), deliver_to=d["to"],
