@@ -40,7 +40,7 @@ from scoring.model import CallAttempt
 from scoring.service import ScoringService
 from scoring.store import RedisUnavailable
 
-MAX_SDP = 65536
+MAX_SDP = 16384  # bytes of an SDP body kept for key extraction (shared memory is finite)
 REPLY_ROUTE = "ksr_tap_reply"
 QUEUE = "li"  # the mqueue of work items (kamailio.cfg)
 DRAIN_MAX = 2000  # items per timer tick, so one tick never runs for long
