@@ -40,6 +40,7 @@ from intercept.targets import (
     check_liid,
     normalise_identity,
     unpack_record,
+    unpack_targets,
 )
 from scoring.audit import os_user
 
@@ -202,14 +203,8 @@ def _unpack_or_none(raw: Any) -> Target | None:
 def list_targets(client: redis.Redis) -> tuple[list[Target], list[str]]:
     """All targets sorted by LIID, and one error line per unreadable record."""
     raw: Any = client.hgetall(names.TARGETS)
-    good: list[Target] = []
-    errors: list[str] = []
-    for key, blob in raw.items():
-        try:
-            good.append(Target.unpack(blob))
-        except ValueError as exc:
-            errors.append(f"LIID {_text(key)}: {exc}")
-    return sorted(good, key=lambda t: t.liid), errors
+    good, bad = unpack_targets(raw)
+    return sorted(good, key=lambda t: t.liid), [f"LIID {_text(key)}: {exc}" for key, exc in bad]
 
 
 def show_target(client: redis.Redis, liid: str) -> Target:

@@ -173,6 +173,18 @@ class Target:
             raise ValueError(f"target record incomplete: {exc!r}") from None
 
 
+def unpack_targets(raw: Mapping[Any, bytes]) -> tuple[list[Target], list[tuple[Any, ValueError]]]:
+    """The readable records of the TARGETS hash, and (field, error) for each other one."""
+    good: list[Target] = []
+    bad: list[tuple[Any, ValueError]] = []
+    for key, blob in raw.items():
+        try:
+            good.append(Target.unpack(blob))
+        except ValueError as exc:
+            bad.append((key, exc))
+    return good, bad
+
+
 @dataclass(frozen=True)
 class Match:
     """A call matched a target: which case, and which side of the call the target is on."""
@@ -199,14 +211,8 @@ class TargetSnapshot:
     def from_hash(cls, raw: Mapping[Any, bytes], version: int) -> tuple[TargetSnapshot,
                                                                               list[str]]:
         """Build from the TARGETS hash; unreadable records are skipped and reported."""
-        good: list[Target] = []
-        errors: list[str] = []
-        for key, blob in raw.items():
-            try:
-                good.append(Target.unpack(blob))
-            except ValueError as exc:
-                errors.append(f"target {_show(key)}: {exc}")
-        return cls(good, version), errors
+        good, bad = unpack_targets(raw)
+        return cls(good, version), [f"target {_show(key)}: {exc}" for key, exc in bad]
 
     def match(self, caller_ids: Iterable[str], callee_ids: Iterable[str],
               now: float) -> list[Match]:
