@@ -413,17 +413,15 @@ class Handler:
         except Exception as exc:  # logged with traceback and counted
             self._barrier(exc, "apply")
             return 1
-        tapped = False
         try:
-            tapped = self.ktap.on_invite(svc, attempt, rc, int(svc.config["reject_code"]))
+            self.ktap.on_invite(svc, attempt, rc, int(svc.config["reject_code"]))
         except Exception as exc:  # logged with traceback and counted; the call goes on
             self._barrier(exc, "tap_invite")
         # With the kill switch on, dialogs are still tracked while intercept targets exist:
         # for every call alike (a target's call must look like anyone else's).
         if rc and (decision.rule != "disabled" or self.ktap.active()):
             self._track_dialog(attempt, diverted=(rc == 2))
-            if tapped:
-                self.ktap.track(attempt)
+            self.ktap.track(attempt)
         # For native cfg callers of python_exec: $avp(spitwall_rc) and $avp(spitwall_action).
         KSR.pv.seti("$avp(spitwall_rc)", rc)
         KSR.pv.sets("$avp(spitwall_action)", decision.action.value)

@@ -2,32 +2,35 @@
 
 Called by `kemi.handler` at four points; ordinary calls pay one in-memory lookup at the first
 and nothing at the others (the per-transaction reply route is armed only for target calls).
-On a target's call these points only *note* what passed -- a work item (JSON) added to
-Kamailio's shared-memory queue `li` (mqueue module) -- and the signalling goes on at once: the
-events are built, encrypted and queued in Redis by a dedicated Kamailio timer process
-(`drain`, run by the rtimer module every 20 ms), so a target's call is not slowed down by the
-cryptography (the target cannot notice it by timing). The points:
+On a target's call the SIP worker only *notes* the message -- one read of the whole message
+(``$mb``) and one add to Kamailio's shared-memory queue `li` (mqueue module), see
+`intercept.notes` for the format -- and the signalling goes on at once. A dedicated Kamailio
+timer process (`drain`, run by the rtimer module every 20 ms) reads the notes, pairs offers with
+answers from its own per-call memory, builds, encrypts and queues the events in Redis; so a
+target's call is not slowed down by parsing or cryptography (the target cannot notice it by
+timing: bench/intercept_latency.py). The points:
 
 * initial INVITE (`on_invite`): match against the cached targets; for a match, note the
-  Origination/TerminationAttempt, keep the LIIDs in the transaction (`$avp(sw_li)`) and the
-  dialog (`$dlg_var(sw_li)`), the offer in `$avp(sw_offer)`, and arm `t_on_reply`;
-* replies of that transaction (`on_reply`): an 18x/2xx with SDP completes the offer/answer ->
-  key event; 2xx -> Answer; a final failure -> Release. A 2xx carrying the *offer* (the INVITE
-  had none) is kept in `$dlg_var(sw_loff)` for the ACK;
-* in-dialog requests (`on_in_dialog`): re-INVITE/UPDATE with SDP -> ReKey + keys after the
-  answer (same reply route); ACK with SDP answers a late offer -> key event;
+  INVITE, arm `t_on_reply`, keep the LIIDs in the transaction (`$avp(sw_li)`) and, by
+  `track`, in the dialog (`$dlg_var(sw_li)`);
+* replies of that transaction (`on_reply`): every reply from 180 on is noted (the timer process
+  makes key, Answer and Release events of them);
+* in-dialog requests (`on_in_dialog`): re-INVITE/UPDATE/ACK of a target's dialog are noted
+  (re-offers, ReKey, a late offer answered in the ACK), and a re-INVITE/UPDATE arms the reply
+  route;
 * dialog end (`on_dialog_end`): Release.
 
-Nothing is added to or removed from the SIP messages: a target's call is relayed exactly as any
-other call. Offer SDPs live in the transaction's AVPs, dialog variables and the `li` queue,
-i.e. Kamailio's shared memory, only until the timer process has encrypted the event; keys never
-reach logs, Redis or headers. When the queue is full, the item is processed at once in the
-SIP worker (slower for that call, nothing lost).
+Nothing is added to or removed from the SIP messages of an intercept: a target's call is
+relayed exactly as any other call (recording mode may announce itself, see
+`li.recording_indication`). Messages with keys live in Kamailio's shared memory (the `li`
+queue) and the timer process's memory only until the event is encrypted; keys never reach logs,
+Redis or headers. When the queue is full, the note is read at once in the SIP worker (slower for
+that call, nothing lost; a reply read there lacks the timer process's memory of the offer, so
+its key event holds only the answer's keys).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -35,15 +38,16 @@ from typing import Any
 import KSR
 
 from intercept import names
+from intercept.notes import RECORDING, NoteReader
 from intercept.tap import Tap, Tapped, decode_matches, encode_matches
 from scoring.model import CallAttempt
 from scoring.service import ScoringService
 from scoring.store import RedisUnavailable
 
-MAX_SDP = 16384  # bytes of an SDP body kept for key extraction (shared memory is finite)
+MAX_NOTE = 65536  # characters of a noted message (shared memory is finite)
 REPLY_ROUTE = "ksr_tap_reply"
-QUEUE = "li"  # the mqueue of work items (kamailio.cfg)
-DRAIN_MAX = 2000  # items per timer tick, so one tick never runs for long
+QUEUE = "li"  # the mqueue of notes (kamailio.cfg)
+DRAIN_MAX = 2000  # notes per timer tick, so one tick never runs for long
 
 
 def _get(name: str) -> str:
@@ -57,28 +61,41 @@ def _get(name: str) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def _body() -> str:
-    """The message's SDP body ('' when there is none)."""
-    if int(KSR.textops.has_body_type("application/sdp")) <= 0:
-        return ""
-    return _get("$rb")[:MAX_SDP]
+def _message(reply: bool = False) -> str:
+    """The current message as text. When it is not valid UTF-8 (a hostile header, say), the
+    parts the events need are put together from Kamailio's parsed fields instead, each read on
+    its own, so a bad byte elsewhere costs nothing."""
+    try:
+        value: Any = KSR.pv.get("$mb")
+        if isinstance(value, str):
+            return value[:MAX_NOTE]
+    except UnicodeDecodeError:
+        pass
+    first = f"SIP/2.0 {_get('$rs')} {_get('$rr')}" if reply else \
+        f"{_get('$rm')} {_get('$ru')} SIP/2.0"
+    body = _get("$rb") if int(KSR.textops.has_body_type("application/sdp")) > 0 else ""
+    return (f"{first}\r\nCall-ID: {_get('$ci')}\r\nCSeq: {_get('$cs')} {_get('$rm')}\r\n"
+            f"From: <{_get('$fu')}>;tag={_get('$ft')}\r\nTo: <{_get('$tu')}>\r\n"
+            f"Content-Type: {'application/sdp' if body else 'text/plain'}\r\n\r\n"
+            f"{body}")[:MAX_NOTE]
 
 
 def _indicate_recording() -> None:
     """RFC 7866 §6.3 recording indication: a=record:on under every m= line of this SDP."""
-    KSR.textops.replace_body_all("(\r\nm=[^\r\n]*)", "\\1\r\na=record:on")
-
-
-def _set_dlg(name: str, value: str) -> None:
-    KSR.pv.sets(f"$dlg_var({name})", value)
+    if int(KSR.textops.has_body_type("application/sdp")) > 0:
+        KSR.textops.replace_body_all("(\r\nm=[^\r\n]*)", "\\1\r\na=record:on")
 
 
 class KemiTap:
-    """Holds the per-process `Tap` and talks to Kamailio for it."""
+    """Holds the per-process `Tap` (and, in the timer process, the `NoteReader`) and talks to
+    Kamailio for them."""
 
     def __init__(self) -> None:
         self.tap = Tap()
+        self.reader = NoteReader()
         self._niced = False
+        #: the dialog marker `on_invite` decided on last, for `track` (None: no marker)
+        self._code: str | None = None
 
     # -- state ---------------------------------------------------------------------------
     def sync(self, svc: ScoringService) -> None:
@@ -90,19 +107,18 @@ class KemiTap:
     def active(self) -> bool:
         return len(self.tap.snapshot) > 0
 
-    def _note(self, svc: ScoringService, kind: str, item: dict[str, Any]) -> None:
-        """Hand a work item to the timer process; process it here if the queue is full."""
-        item["now"] = time.time()
-        text = json.dumps(item, separators=(",", ":"))
-        if int(KSR.mqueue.mq_add(QUEUE, kind, text)) > 0:
+    def _note(self, svc: ScoringService, key: str, message: str) -> None:
+        """Hand a note to the timer process; read it here if the queue is full."""
+        if int(KSR.mqueue.mq_add(QUEUE, key, message)) > 0:
             return
         svc.counters["li_queue_full"] += 1
-        self._process(svc, kind, item)
+        self._queue(svc, self._events(svc, key, message))
 
-    def _process(self, svc: ScoringService, kind: str, item: dict[str, Any]) -> None:
-        self._queue(svc, self._events(svc, kind, item))
-
-    def _events(self, svc: ScoringService, kind: str, item: dict[str, Any]) -> list[list[Any]]:
+    def _events(self, svc: ScoringService, key: str, message: str) -> list[list[Any]]:
+        work = self.reader.read(key, message)
+        if work is None:
+            return []
+        kind, item = work
         tapped = decode_matches(str(item.get("li", "")))
         if any(self.tap.target(t.liid) is None for t in tapped):
             svc.sync()  # a case this process has not loaded yet
@@ -117,7 +133,7 @@ class KemiTap:
 
     # -- the timer process ---------------------------------------------------------------
     def drain(self, svc: ScoringService) -> int:
-        """Build, encrypt and queue the events of the noted work items (rtimer process)."""
+        """Read the notes, build, encrypt and queue their events (rtimer process)."""
         if not self._niced:
             # This process only does deferred work: under CPU contention the SIP workers go
             # first, so the cryptography never shows in a target's signalling timing.
@@ -137,18 +153,12 @@ class KemiTap:
         commands: list[list[Any]] = []
         while n < DRAIN_MAX and int(KSR.mqueue.mq_fetch(QUEUE)) > 0:
             n += 1
-            kind = _get(f"$mqk({QUEUE})")
+            key = _get(f"$mqk({QUEUE})")
             try:
-                item = json.loads(_get(f"$mqv({QUEUE})"))
-            except ValueError:
-                svc.counters["li_bad_item"] += 1
-                continue
-            if isinstance(item, dict):
-                try:
-                    commands += self._events(svc, kind, item)
-                except Exception as exc:  # one bad item must not cost the tick's other events
-                    svc.counters["li_item_error"] += 1
-                    KSR.err(f"spitwall: intercept {kind[:16]} item failed: {exc!r:.200}\n")
+                commands += self._events(svc, key, _get(f"$mqv({QUEUE})"))
+            except Exception as exc:  # one bad note must not cost the tick's other events
+                svc.counters["li_item_error"] += 1
+                KSR.err(f"spitwall: intercept note {key[:16]!r} failed: {exc!r:.200}\n")
         self._queue(svc, commands)  # one write for the whole tick, in order
         return n
 
@@ -156,107 +166,76 @@ class KemiTap:
     def on_invite(self, svc: ScoringService, attempt: CallAttempt, rc: int,
                   reject_code: int) -> bool:
         """After the scoring decision; `rc` 0 means a reject was already sent. Returns
-        whether the call is a target's (the caller must then make sure the dialog is
-        tracked)."""
+        whether the call is a target's. With `li.uniform` (default), while any target exists,
+        every relayed call gets the reply route and the transaction marker, a target's call
+        only adds the note (one message read, one queue add); `track` then marks the dialog
+        alike."""
         self.sync(svc)
-        matches = self.tap.match(attempt, time.time())
+        now = time.time()
+        matches = self.tap.match(attempt, now)
+        self._code = None
         if not matches:
+            if rc != 0 and self.active() and svc.config["li.uniform"]:
+                KSR.tm.t_on_reply(REPLY_ROUTE)
+                KSR.pv.sets("$avp(sw_li)", "")
+                self._code = ""
             return False
         code = encode_matches(Tapped(m.target.liid, m.side) for m in matches)
-        # Recording (not intercept) may be announced, when the operator turns it on.
-        indicate = bool(svc.config["li.recording_indication"]) and any(
-            m.target.mode == "recording" for m in matches)
-        self._note(svc, "invite", {"li": code, "call_id": attempt.call_id,
-                                   "caller": attempt.from_uri, "callee": attempt.request_uri,
-                                   "cseq": _get("$cs"), "rc": rc, "reject": reject_code})
         if rc != 0:
-            KSR.pv.sets("$avp(sw_li)", code)
-            KSR.pv.sets("$avp(sw_offerer)", "caller")
-            offer = _body()
-            if offer:
-                KSR.pv.sets("$avp(sw_offer)", offer)
-                if indicate:
-                    _indicate_recording()
-            if indicate:
-                KSR.pv.sets("$avp(sw_rec)", "1")
             KSR.tm.t_on_reply(REPLY_ROUTE)
+            # Recording (not intercept) may be announced, when the operator turns it on.
+            if any(m.target.mode == "recording" for m in matches) and \
+                    svc.config["li.recording_indication"]:
+                _indicate_recording()
+                code += RECORDING
+            KSR.pv.sets("$avp(sw_li)", code)
+            self._code = code
+        self._note(svc, f"invite {now:.6f} {code} {rc} {reject_code}", _message())
         svc.counters["li_calls"] += 1
         return rc != 0
 
     def track(self, attempt: CallAttempt) -> None:
-        """Dialog variables of a target call (after `dlg_manage`)."""
-        code = _get("$avp(sw_li)")
-        if not code:
-            return
-        _set_dlg("sw_li", code)
-        _set_dlg("sw_rec", _get("$avp(sw_rec)"))
-        _set_dlg("sw_ft", _get("$ft")[:128])
-        _set_dlg("sw_from", attempt.from_uri)
-        _set_dlg("sw_to", attempt.request_uri)
+        """The dialog's marker (after `dlg_manage`): the LIIDs for a target's call, empty for
+        the others under `li.uniform`."""
+        if self._code is not None:
+            KSR.pv.sets("$dlg_var(sw_li)", self._code)
+            self._code = None
 
     # -- replies of a target transaction -------------------------------------------------
     def on_reply(self, svc: ScoringService) -> None:
         code = _get("$avp(sw_li)")
         if not code:
-            return
+            return  # not a target's (the route runs for every call under li.uniform)
         try:
             status = int(_get("$rs") or 0)
         except ValueError:
             return
         if status < 180:
             return
-        body = _body() if status < 300 else ""
-        if status < 200 and not body:
-            return  # a 180 without SDP says nothing we report
-        if body and _get("$avp(sw_rec)") == "1":
+        if code.endswith(RECORDING) and status < 300:
             _indicate_recording()
-        offer = _get("$avp(sw_offer)")
-        offerer = _get("$avp(sw_offerer)") or "caller"
-        if body and not offer and 200 <= status < 300:
-            # late offer: the 2xx offers, the ACK will answer
-            _set_dlg("sw_loff", body)
-            _set_dlg("sw_loffr", "callee" if offerer == "caller" else "caller")
-        self._note(svc, "reply", {
-            "li": code, "status": status, "reason": _get("$rr")[:64],
-            "call_id": _get("$ci")[:256], "cseq": _get("$cs"), "caller": _get("$fu")[:256],
-            "callee": _get("$tu")[:256], "rekey": _get("$avp(sw_rekey)") == "1",
-            "offerer": offerer, "offer": offer if body else "", "answer": body})
+        self._note(svc, f"reply {time.time():.6f} {code}", _message(reply=True))
 
     # -- in-dialog requests ----------------------------------------------------------------
     def on_in_dialog(self, svc: ScoringService) -> None:
-        """Called for in-dialog requests after loose_route (before relaying)."""
-        if not (KSR.is_INVITE() or KSR.is_UPDATE() or KSR.is_ACK()):
-            return
+        """Called for in-dialog INVITE, UPDATE and ACK after loose_route (before relaying)."""
         code = _get("$dlg_var(sw_li)")
-        if not decode_matches(code):
+        if not code:
+            if not KSR.is_ACK() and self.active() and svc.config["li.uniform"]:
+                KSR.pv.sets("$avp(sw_li)", "")
+                KSR.tm.t_on_reply(REPLY_ROUTE)
             return
-        sender = "caller" if _get("$ft")[:128] == _get("$dlg_var(sw_ft)") else "callee"
-        body = _body()
-        if KSR.is_ACK():
-            late = _get("$dlg_var(sw_loff)")
-            if body and late:
-                _set_dlg("sw_loff", "")
-                self._note(svc, "ack", {"li": code, "call_id": _get("$ci")[:256],
-                                        "offer": late, "answer": body,
-                                        "offerer": _get("$dlg_var(sw_loffr)") or "callee"})
-            return
-        if body and _get("$dlg_var(sw_rec)") == "1":
-            _indicate_recording()
-        # re-INVITE or UPDATE: new offer; keys (and ReKey) when the answer comes back
-        if _get("$dlg_var(sw_rec)") == "1":
-            KSR.pv.sets("$avp(sw_rec)", "1")
-        KSR.pv.sets("$avp(sw_li)", code)
-        KSR.pv.sets("$avp(sw_offerer)", sender)
-        KSR.pv.sets("$avp(sw_rekey)", "1")
-        if body:
-            KSR.pv.sets("$avp(sw_offer)", body)
-        KSR.tm.t_on_reply(REPLY_ROUTE)
+        if not KSR.is_ACK():
+            if code.endswith(RECORDING):
+                _indicate_recording()
+            KSR.pv.sets("$avp(sw_li)", code)
+            KSR.tm.t_on_reply(REPLY_ROUTE)
+        self._note(svc, f"request {time.time():.6f} {code}", _message())
 
     # -- dialog end --------------------------------------------------------------------------
     def on_dialog_end(self, svc: ScoringService, reason: str) -> None:
         code = _get("$dlg_var(sw_li)")
-        if not decode_matches(code):
+        if not decode_matches(code.removesuffix(RECORDING)):
             return
-        self._note(svc, "end", {"li": code, "call_id": _get("$dlg(callid)")[:256],
-                                "caller": _get("$dlg_var(sw_from)"),
-                                "callee": _get("$dlg_var(sw_to)"), "reason": reason})
+        self._note(svc, f"end {time.time():.6f} {code}",
+                   f"{_get('$dlg(callid)')[:256]}\n{reason}")

@@ -227,6 +227,10 @@ def _params() -> dict[str, Param]:
         Param("li.recording_indication", "bool", False,
               "recording-mode targets only (never intercept): tell both parties the call is "
               "recorded with a=record:on (RFC 7866) in every SDP of the call"),
+        Param("li.uniform", "bool", True,
+              "while any intercept/recording target exists, every relayed call takes the "
+              "intercept path's reply route and markers, so a target's call differs only by its "
+              "note (timing: docs/benchmarks.md#intercept)"),
     ]
     for check in CHECKS:
         p.append(Param(f"weight.{check}", "float", _DEFAULT_WEIGHTS[check],

@@ -224,6 +224,30 @@ def test_callee_target_is_the_answerer(
     assert attr(body, "rcrypto") == [f"1 {SUITE} inline:{k_caller} SSRC=3333"]
 
 
+def test_non_utf8_caller_does_not_cost_the_targets_keys(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
+    """A byte that is not UTF-8 in the caller's From (Kamailio relays it; Python cannot read
+    the whole message as text): the note is put together from the parsed fields instead, and
+    the callee target's events and keys still come."""
+    callee = f"tgt{uuid.uuid4().hex[:8]}"
+    k_caller, k_callee = new_key(), new_key()
+    with srtp_uas(tmp_path / "uas", sdes(k_callee, 4444)) as uas:
+        lab = _lab(lab_factory, uas)
+        liid = provision(client, recipient, f"{callee}@127.0.0.1")
+        try:
+            # "\udce9" is passed to SIPp as the single byte 0xE9 (latin-1 e-acute)
+            srtp_call(lab, tmp_path / "uac", "caf\udce9", callee, sdes(k_caller, 3333))
+            events = events_of(client, recipient, liid)
+        finally:
+            unprovision(client, liid)
+    sent = (tmp_path / "uac" / "uac_messages.log").read_bytes()
+    assert b"caf\xe9@" in sent  # the test did send the byte
+    assert [e for e, _ in events] == ["TerminationAttempt", "Keys", "Answer", "Release"]
+    body = dict(events)["Keys"]
+    assert attr(body, "crypto") == [f"1 {SUITE} inline:{k_callee} SSRC=4444"]
+    assert attr(body, "rcrypto") == [f"1 {SUITE} inline:{k_caller} SSRC=3333"]
+
+
 def test_reinvite_with_new_keys_is_a_rekey(
         lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
     caller = f"tgt{uuid.uuid4().hex[:8]}"
