@@ -1,29 +1,35 @@
 #!/usr/bin/env python3
-"""Intercept benchmark: what being a target costs a call, side by side with ordinary calls.
+"""Intercept benchmark: can a target tell by timing that it is a target?
 
 One run starts its own lab (redis-server + Kamailio with ``kamailio.cfg`` + the answering
-machine, loopback, free ports) and a SIPp callee (``tests/sipp/uas_srtp.xml``: 180 and 200 at
-once, SDES ``a=crypto`` answer). One intercept case is provisioned for caller A; caller B is not
-a target. Rounds alternate B (plain) and A (target) calls, in the order plain/target,
-target/plain, ... so that drift of the noisy machine hits both alike; each round places
-``--calls`` calls at ``--rate`` calls/s (open loop, well below capacity: this measures latency,
-not throughput) with ``tests/sipp/uac_srtp.xml`` offering SDES keys.
+machine + the delivery worker, loopback, free ports) and a SIPp callee
+(``tests/sipp/uas_srtp.xml``: 180 and 200 at once, SDES ``a=crypto`` answer). One intercept case
+is provisioned for the target caller; its events go, through the lab's delivery worker, to a
+recorder in this process (tests/integration/recorder.py) that acknowledges every PUBLISH
+without decrypting, so the whole chain runs as in production.
 
-Per round it reports:
+Two layouts:
 
-* the response times INVITE sent -> 180 and -> 200 received at the caller (from the
-  microsecond timestamps of SIPp's message log; SIPp's own statistics have 1 ms resolution):
-  median and 90th percentile. It covers the INVITE's request route (scoring,
-  target match, Origination event built and encrypted, queued) and the 180/200 reply routes
-  (for a target: key and Answer events built and encrypted, queued);
-* Kamailio CPU time per call (all its processes, /proc/<pid>/stat);
-* events delivered per call: the lab's delivery worker PUBLISHes them to a recorder in the bench
-  process (tests/integration/recorder.py) that acknowledges without decrypting, so the whole
-  chain runs as in production (proxy, timer process, Redis stream, worker).
+* ``mixed`` (default; the issue's question): per round the target and two plain callers place
+  ``--calls`` calls each *at the same time*, about ``--rate``/3 calls/s each at random times (4
+  simulated SIPp users with exponential pauses; periodic callers would meet the delivery work
+  of the target's own calls at a fixed phase), each from its own source address and start
+  position, rotated over the rounds. Rounds are the statistical units (calls of one round share
+  a source, a SIPp process and the machine's state): per round the target effect (target minus
+  the plain callers' mean) and the A/A difference (plain_b minus plain_a, what noise alone
+  gives), then their means over rounds with 95 % t-intervals. ``--uniform true,false``
+  alternates ``li.uniform`` round by round.
+* ``alternate``: rounds of one caller alone, plain and target alternating (order plain/target,
+  target/plain, ...), periodic at ``--rate``; adds Kamailio's CPU time per call (what a target's
+  call costs the machine).
 
-The summary prints the ratios target/plain of the medians over rounds. The target case's
-recipient certificate is RSA-2048 (each event costs one RSA encryption of a fresh AES key).
-Run: ``.venv/bin/python bench/intercept_latency.py [--calls 400 --rate 100 --rounds 3] [--json]``.
+Latencies: INVITE sent -> 180 and -> 200 received, from the microsecond timestamps of SIPp's
+message log and, in the mixed layout when run as root, from the kernel's receive timestamps of
+the packets at the proxy's port (bench/wiretime.py: INVITE in -> 180/200 out), which no client's
+event loop delays. ``--keep-capture DIR`` keeps that capture and the call labels.
+
+Run: ``.venv/bin/python bench/intercept_latency.py [--rounds 6 --calls 400 --rate 100]
+[--uniform true,false] [--layout alternate] [--json]``.
 """
 
 from __future__ import annotations
