@@ -54,7 +54,14 @@ from kemi.attempt import build_attempt, clean, read_pv  # noqa: E402
 from kemi.tap import KemiTap  # noqa: E402
 from scoring.checks import ring_hijack  # noqa: E402
 from scoring.checks.base import Context  # noqa: E402
-from scoring.model import Action, CallAttempt, Decision, Signals  # noqa: E402
+from scoring.model import (  # noqa: E402
+    Action,
+    CallAttempt,
+    Decision,
+    Signals,
+    pack_dialog_note,
+    unpack_dialog_note,
+)
 from scoring.service import ScoringService  # noqa: E402
 from scoring.store import Store  # noqa: E402
 
@@ -373,9 +380,9 @@ class Handler:
         """Let the dialog module tell us when (and how long after answer) the call ends."""
         if KSR.dialog.dlg_manage() < 0:
             return
-        KSR.pv.sets("$dlg_var(sw_caller)", attempt.caller_key[:256])
-        KSR.pv.sets("$dlg_var(sw_ip)", attempt.source_ip)
-        KSR.pv.sets("$dlg_var(sw_div)", "1" if diverted else "0")
+        # one dialog variable, not three: each write takes the dialog's lock and shared memory
+        KSR.pv.sets("$dlg_var(sw)", pack_dialog_note(diverted, attempt.source_ip,
+                                                     attempt.caller_key))
 
     def ksr_dialog_event(self, msg: Any, evname: str) -> int:
         """dialog:end of a call we scored: its duration is evidence about the caller."""
@@ -384,11 +391,10 @@ class Handler:
                 return 1
             if read_pv("$dlg_var(sw_li)", 8):
                 self.ktap.on_dialog_end(self._ensure_service(), "BYE or dialog timeout")
-            if read_pv("$dlg_var(sw_div)", 4) != "0":
+            diverted, ip, caller = unpack_dialog_note(read_pv("$dlg_var(sw)", 340))
+            if diverted:
                 return 1  # diverted: the answering machine gives its own verdict
             start = int(KSR.pv.get("$dlg(start_ts)") or 0)
-            caller = read_pv("$dlg_var(sw_caller)", 256)
-            ip = read_pv("$dlg_var(sw_ip)", 64)
             if start > 0 and (caller or ip):
                 self._ensure_service().call_ended(caller, ip, time.time() - start)
         except Exception as exc:  # logged with traceback and counted

@@ -61,23 +61,21 @@ def _get(name: str) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def _message(reply: bool = False) -> str:
-    """The current message as text. When it is not valid UTF-8 (a hostile header, say), the
-    parts the events need are put together from Kamailio's parsed fields instead, each read on
-    its own, so a bad byte elsewhere costs nothing."""
+def _message() -> str:
+    """The current message as text. When it is not valid UTF-8 (a hostile header, say), it is
+    read again hex-encoded by a Kamailio transformation and decoded with replacement
+    characters: the SDP and the headers the events need are ASCII and come through intact."""
     try:
         value: Any = KSR.pv.get("$mb")
-        if isinstance(value, str):
-            return value[:MAX_NOTE]
+        return value[:MAX_NOTE] if isinstance(value, str) else ""
     except UnicodeDecodeError:
         pass
-    first = f"SIP/2.0 {_get('$rs')} {_get('$rr')}" if reply else \
-        f"{_get('$rm')} {_get('$ru')} SIP/2.0"
-    body = _get("$rb") if int(KSR.textops.has_body_type("application/sdp")) > 0 else ""
-    return (f"{first}\r\nCall-ID: {_get('$ci')}\r\nCSeq: {_get('$cs')} {_get('$rm')}\r\n"
-            f"From: <{_get('$fu')}>;tag={_get('$ft')}\r\nTo: <{_get('$tu')}>\r\n"
-            f"Content-Type: {'application/sdp' if body else 'text/plain'}\r\n\r\n"
-            f"{body}")[:MAX_NOTE]
+    hexed = KSR.pv.get("$(mb{s.encode.hexa})") or ""
+    try:
+        raw = bytes.fromhex(str(hexed)[:2 * MAX_NOTE])
+    except ValueError:
+        return ""
+    return raw.decode("utf-8", "replace")
 
 
 def _indicate_recording() -> None:
@@ -214,7 +212,7 @@ class KemiTap:
             return
         if code.endswith(RECORDING) and status < 300:
             _indicate_recording()
-        self._note(svc, f"reply {time.time():.6f} {code}", _message(reply=True))
+        self._note(svc, f"reply {time.time():.6f} {code}", _message())
 
     # -- in-dialog requests ----------------------------------------------------------------
     def on_in_dialog(self, svc: ScoringService) -> None:

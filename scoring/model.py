@@ -142,3 +142,19 @@ def caller_identity(user: str, domain: str = "") -> str:
     if digits.isascii() and digits.isdigit() and 3 <= len(digits) <= 20:
         return "tel:" + digits
     return f"{user}@{domain}".lower()
+
+
+def pack_dialog_note(diverted: bool, source_ip: str, caller_key: str) -> str:
+    """What the proxy keeps in one dialog variable for the call-end feedback:
+    ``D|IP|CALLER`` (D is 1 for a diverted call; the IP has no '|', the caller comes last)."""
+    return f"{1 if diverted else 0}|{source_ip}|{caller_key[:256]}"
+
+
+def unpack_dialog_note(text: str) -> tuple[bool, str, str]:
+    """(diverted, source IP, caller key) of `pack_dialog_note`; a malformed or missing note
+    reads as diverted (no feedback: the safe default)."""
+    flag, sep1, rest = text.partition("|")
+    ip, sep2, caller = rest.partition("|")
+    if not (sep1 and sep2) or flag not in ("0", "1"):
+        return True, "", ""
+    return flag == "1", ip, caller
