@@ -17,17 +17,19 @@ CODE``, ``request NOW CODE`` (in-dialog INVITE/UPDATE/ACK), ``end NOW CODE`` (va
 The message reader is written by hand on purpose: Kamailio has already accepted (and relayed)
 the message, so it must not be rejected here for anything a strict parser (`media.sip`) would
 refuse, or the case would lose its events; it needs only five headers and the body, and never
-raises.
+raises. Multipart bodies (SIP-I/SIP-T) are split by the standard library's MIME parser.
 """
 
 from __future__ import annotations
 
+import email
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_CALLS = 100_000  # calls the timer process remembers (least recently active go first)
 MAX_SDP = 16384  # characters of an SDP body used for key extraction
+MAX_MULTIPART = 65536  # characters of a multipart body searched for its SDP part
 RECORDING = "|rec"  # suffix of a dialog's code when the call is recorded with indication
 
 _COMPACT = {"i": "call-id", "f": "from", "t": "to", "c": "content-type", "l": "content-length"}
@@ -78,13 +80,37 @@ class RawMessage:
         cseq = cseq_parts[0] if cseq_parts else ""
         if not method and len(cseq_parts) > 1:
             method = cseq_parts[1].upper()
-        ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        sdp = body[:MAX_SDP] if ctype == "application/sdp" and body.strip() else ""
+        ctype_value = headers.get("content-type", "")
+        ctype = ctype_value.split(";", 1)[0].strip().lower()
+        if ctype == "application/sdp":
+            sdp = body[:MAX_SDP] if body.strip() else ""
+        elif ctype.startswith("multipart/"):
+            sdp = sdp_part(ctype_value, body)
+        else:
+            sdp = ""
         from_uri, from_tag = _name_addr(headers.get("from", ""))
         to_uri, _ = _name_addr(headers.get("to", ""))
         return cls(method=method, status=status, reason=reason[:64], ruri=ruri[:256],
                    call_id=headers.get("call-id", "")[:256], cseq=cseq[:32],
                    from_uri=from_uri, from_tag=from_tag, to_uri=to_uri, sdp=sdp)
+
+
+def sdp_part(content_type: str, body: str) -> str:
+    """The first application/sdp part of a multipart body (RFC 5621; SIP-I/SIP-T calls carry
+    ISUP beside the SDP), "" when there is none or the body is not usable. Nested multiparts
+    are searched too (the stdlib MIME parser walks them)."""
+    if len(body) > MAX_MULTIPART:
+        return ""
+    try:
+        msg = email.message_from_string(f"Content-Type: {content_type}\r\n\r\n{body}")
+        for part in msg.walk():
+            if part.get_content_type() == "application/sdp":
+                payload = part.get_payload()
+                if isinstance(payload, str) and payload.strip():
+                    return payload[:MAX_SDP]
+    except Exception:  # the stdlib parser is lenient; whatever it still raises gives no SDP
+        return ""
+    return ""
 
 
 def _name_addr(value: str) -> tuple[str, str]:

@@ -248,6 +248,29 @@ def test_non_utf8_caller_does_not_cost_the_targets_keys(
     assert attr(body, "rcrypto") == [f"1 {SUITE} inline:{k_caller} SSRC=3333"]
 
 
+def test_sdp_in_a_multipart_body_sip_i(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
+    """SIP-I/SIP-T style INVITE: multipart/mixed with ISUP beside the SDP offer. The keys in
+    the SDP part are found; the relayed INVITE keeps its multipart body."""
+    caller = f"tgt{uuid.uuid4().hex[:8]}"
+    k_caller, k_callee = new_key(), new_key()
+    liid = provision(client, recipient, f"{caller}@127.0.0.2")
+    try:
+        with srtp_uas(tmp_path / "uas", sdes(k_callee, 2222)) as uas:
+            lab = _lab(lab_factory, uas)
+            srtp_call(lab, tmp_path / "uac", caller, "bob", sdes(k_caller, 1111),
+                      scenario="uac_srtp_multipart.xml")
+            events = events_of(client, recipient, liid)
+            relayed = uas.invites()
+    finally:
+        unprovision(client, liid)
+    assert relayed and "ISUP-IAM-PLACEHOLDER" in relayed[0].raw
+    assert [e for e, _ in events] == ["Origination", "Keys", "Answer", "Release"]
+    body = dict(events)["Keys"]
+    assert attr(body, "crypto") == [f"1 {SUITE} inline:{k_caller} SSRC=1111"]
+    assert attr(body, "rcrypto") == [f"1 {SUITE} inline:{k_callee} SSRC=2222"]
+
+
 def test_reinvite_with_new_keys_is_a_rekey(
         lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
     caller = f"tgt{uuid.uuid4().hex[:8]}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from intercept.notes import RECORDING, Calls, NoteReader, RawMessage
 
 CODE = "CASE-1:caller"
@@ -170,3 +172,34 @@ def test_calls_are_bounded_least_recently_active_first() -> None:
     r.read(f"request 2 {CODE}", request("ACK", 1, call_id="a"))  # "a" is active again
     r.read(f"invite 3 {CODE} 1 603", request("INVITE", 1, OFFER, call_id="c"))
     assert calls.get("a") is not None and calls.get("b") is None and calls.get("c") is not None
+
+
+def multipart(sdp: str, boundary: str = "unique-b1") -> tuple[str, str]:
+    """(Content-Type value, body) of a SIP-I style INVITE body: ISUP IAM beside the SDP."""
+    body = (f"--{boundary}\r\nContent-Type: application/isup;version=itu-t92+\r\n"
+            f"Content-Disposition: signal;handling=optional\r\n\r\n\x01\x10\x20\r\n"
+            f"--{boundary}\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n"
+            f"--{boundary}--\r\n")
+    return f'multipart/mixed;boundary="{boundary}"', body
+
+
+def test_sdp_inside_a_multipart_body() -> None:
+    ctype, body = multipart(OFFER)
+    text = request("INVITE", 1).replace("Content-Length: 0\r\n",
+                                        f"Content-Type: {ctype}\r\n\r\n") + body
+    m = RawMessage.read(text)
+    assert m.sdp.rstrip("\r\n") == OFFER.rstrip("\r\n")
+    assert "inline:AAAA" in m.sdp
+
+
+@pytest.mark.parametrize("ctype,body", [
+    ('multipart/mixed;boundary="x"', "--x\r\nContent-Type: text/plain\r\n\r\nhi\r\n--x--\r\n"),
+    ("multipart/mixed", "no boundary at all"),
+    ('multipart/mixed;boundary="x"', "--x\r\n\r\n--x--"),
+    ('multipart/mixed;boundary="x"', "\x00\xff" * 50),
+    ('multipart/mixed;boundary="x"', "--x\r\nContent-Type: application/sdp\r\n\r\n" + "a" * 70000),
+])
+def test_multipart_without_usable_sdp(ctype: str, body: str) -> None:
+    text = request("INVITE", 1).replace("Content-Length: 0\r\n",
+                                        f"Content-Type: {ctype}\r\n\r\n") + body
+    assert RawMessage.read(text).sdp == ""
