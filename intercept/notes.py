@@ -11,8 +11,8 @@ the events, with per-call state in its own memory (`Calls`). The result is the w
 A note is a queue key and a value (both text): the key ``KIND NOW CODE [...]`` (``NOW``: epoch
 seconds when the SIP worker saw the message; ``CODE``: `intercept.tap.encode_matches`, which has
 no spaces) and the value the raw SIP message. Kinds: ``invite NOW CODE RC REJECT``, ``reply NOW
-CODE``, ``request NOW CODE`` (in-dialog INVITE/UPDATE/ACK), ``end NOW CODE`` (value ``CALL-ID
-\\n REASON``).
+CODE``, ``request NOW CODE`` (in-dialog INVITE/UPDATE/PRACK/ACK), ``end NOW CODE`` (value
+``CALL-ID \\n REASON``).
 
 The message reader is written by hand on purpose: Kamailio has already accepted (and relayed)
 the message, so it must not be rejected here for anything a strict parser (`media.sip`) would
@@ -137,7 +137,7 @@ class CallRecord:
     caller: str
     callee: str
     from_tag: str  # the caller's tag: who sends an in-dialog request
-    #: open offers by CSeq number: (SDP, offerer side, is a re-offer)
+    #: open offers by transaction (`_txn`): (SDP, offerer side, is a re-offer)
     offers: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
     late: tuple[str, str] | None = None  # an offer in a 2xx: (SDP, side that made it)
 
@@ -173,6 +173,12 @@ class Calls:
 
 def _other(side: str) -> str:
     return "callee" if side == "caller" else "caller"
+
+
+def _txn(msg: RawMessage) -> str:
+    """A transaction's key in a dialog: CSeq number and method, and the sender's tag (each
+    side counts its own CSeq; a reply carries the request's From tag)."""
+    return f"{msg.cseq} {msg.method} {msg.from_tag}"
 
 
 class NoteReader:
@@ -215,7 +221,7 @@ class NoteReader:
         reject = rest[1] if len(rest) > 1 else ""
         rec = CallRecord(code, msg.from_uri, msg.ruri, msg.from_tag)
         if msg.sdp:
-            rec.offers[msg.cseq] = (msg.sdp, "caller", False)
+            rec.offers[_txn(msg)] = (msg.sdp, "caller", False)
         if rc != 0:
             self.calls.put(msg.call_id, rec)
         return "invite", {"li": code, "call_id": msg.call_id, "caller": msg.from_uri,
@@ -227,21 +233,24 @@ class NoteReader:
             return None
         rec = self.calls.get(msg.call_id)
         offer, offerer, rekey = ("", "caller", False)
+        txn = _txn(msg)
         if rec is not None:
-            offer, offerer, rekey = rec.offers.get(msg.cseq, ("", "caller", False))
+            offer, offerer, rekey = rec.offers.get(txn, ("", "caller", False))
             if msg.status >= 200:
-                rec.offers.pop(msg.cseq, None)
+                rec.offers.pop(txn, None)
         answer = msg.sdp if msg.status < 300 else ""
-        if answer and not offer and 200 <= msg.status < 300 and rec is not None:
-            # late offer: the 2xx (from the other side than the request's) offers, the ACK
-            # will answer
+        if answer and not offer and rec is not None and msg.method == "INVITE":
+            # late offer: the 2xx, or a reliable 18x (RFC 3262), of an INVITE without SDP
+            # offers; the ACK (or the PRACK) will answer
             rec.late = (answer, _other(offerer))
-        if msg.status >= 300 and not rekey:
+        if msg.status >= 300 and not rekey and msg.method == "INVITE":
             self.calls.drop(msg.call_id)
         return "reply", {"li": code, "status": msg.status, "reason": msg.reason,
                          "call_id": msg.call_id, "cseq": msg.cseq,
                          "caller": rec.caller if rec else msg.from_uri,
                          "callee": rec.callee if rec else msg.to_uri, "rekey": rekey,
+                         # a PRACK's reply has keys (an offer in the PRACK) but no call event
+                         "keys_only": msg.method == "PRACK",
                          "offerer": offerer, "offer": offer if answer else "", "answer": answer,
                          "now": now}
 
@@ -252,6 +261,11 @@ class NoteReader:
             rec = CallRecord(code, msg.from_uri, msg.to_uri, msg.from_tag)
             self.calls.put(msg.call_id, rec)
         sender = "caller" if msg.from_tag == rec.from_tag else "callee"
+        if msg.method == "PRACK" and msg.sdp and rec.late is not None:
+            offer, offerer = rec.late  # the answer to a reliable 18x's offer
+            rec.late = None
+            return "ack", {"li": code, "call_id": msg.call_id, "offer": offer,
+                           "answer": msg.sdp, "offerer": offerer, "now": now}
         if msg.method == "ACK":
             if msg.sdp and rec.late is not None:
                 offer, offerer = rec.late
@@ -259,9 +273,9 @@ class NoteReader:
                 return "ack", {"li": code, "call_id": msg.call_id, "offer": offer,
                                "answer": msg.sdp, "offerer": offerer, "now": now}
             return None
-        if msg.method in ("INVITE", "UPDATE") and msg.sdp:
-            rec.offers[msg.cseq] = (msg.sdp, sender, True)
+        if msg.method in ("INVITE", "UPDATE", "PRACK") and msg.sdp:
+            rec.offers[_txn(msg)] = (msg.sdp, sender, msg.method != "PRACK")
         elif msg.method == "INVITE":
             # an offerless re-INVITE: its 2xx will offer (late offer), a re-key all the same
-            rec.offers[msg.cseq] = ("", sender, True)
+            rec.offers[_txn(msg)] = ("", sender, True)
         return None

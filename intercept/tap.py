@@ -308,6 +308,8 @@ class Tap:
                                            offerer_side=str(item.get("offerer", "caller")),
                                            call_id=call.call_id, now=call.now)
             cmds += keyed
+        if item.get("keys_only"):
+            return cmds
         if 200 <= status < 300:
             kind: CallEventKind = "ReKey" if rekey else "Answer"
             cmds += self.call_events(tapped, kind, call, discriminator=f"{kind}:{cseq}",

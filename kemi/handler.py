@@ -314,7 +314,7 @@ class Handler:
 
     def _within_dialog(self) -> int:
         if KSR.rr.loose_route() > 0:
-            if KSR.is_INVITE() or KSR.is_UPDATE() or KSR.is_ACK():
+            if KSR.is_INVITE() or KSR.is_UPDATE() or KSR.is_ACK() or KSR.is_PRACK():
                 try:
                     self.ktap.on_in_dialog(self._ensure_service())
                 except Exception as exc:  # logged with traceback and counted; call goes on

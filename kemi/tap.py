@@ -216,7 +216,8 @@ class KemiTap:
 
     # -- in-dialog requests ----------------------------------------------------------------
     def on_in_dialog(self, svc: ScoringService) -> None:
-        """Called for in-dialog INVITE, UPDATE and ACK after loose_route (before relaying)."""
+        """Called for in-dialog INVITE, UPDATE, PRACK and ACK after loose_route (before
+        relaying)."""
         code = _get("$dlg_var(sw_li)")
         if not code:
             if not KSR.is_ACK() and self.active() and svc.config["li.uniform"]:

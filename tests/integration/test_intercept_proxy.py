@@ -271,6 +271,28 @@ def test_sdp_in_a_multipart_body_sip_i(
     assert attr(body, "rcrypto") == [f"1 {SUITE} inline:{k_callee} SSRC=2222"]
 
 
+def test_offer_in_a_reliable_183_answered_in_the_prack(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
+    """RFC 3262: the INVITE has no SDP, the callee offers in a reliable 183 and the caller
+    answers in the PRACK (through the proxy, record-routed)."""
+    caller = f"tgt{uuid.uuid4().hex[:8]}"
+    k_caller, k_callee = new_key(), new_key()
+    liid = provision(client, recipient, f"{caller}@127.0.0.2")
+    try:
+        with srtp_uas(tmp_path / "uas", sdes(k_callee, 2222), "uas_srtp_prack.xml") as uas:
+            lab = _lab(lab_factory, uas)
+            srtp_call(lab, tmp_path / "uac", caller, "bob", sdes(k_caller, 1111),
+                      scenario="uac_srtp_prack.xml")
+            events = events_of(client, recipient, liid)
+    finally:
+        unprovision(client, liid)
+    assert [e for e, _ in events] == ["Origination", "Keys", "Answer", "Release"]
+    body = dict(events)["Keys"]
+    assert "a=x-target:answerer" in body  # the caller answered this exchange
+    assert attr(body, "crypto") == [f"1 {SUITE} inline:{k_caller} SSRC=1111"]
+    assert attr(body, "rcrypto") == [f"1 {SUITE} inline:{k_callee} SSRC=2222"]
+
+
 def test_reinvite_with_new_keys_is_a_rekey(
         lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
     caller = f"tgt{uuid.uuid4().hex[:8]}"

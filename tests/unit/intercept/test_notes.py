@@ -24,10 +24,11 @@ def request(method: str, cseq: int, body: str = "", from_tag: str = "ft1",
 
 
 def reply(status: int, cseq: int, method: str = "INVITE", body: str = "",
-          call_id: str = "c1@h") -> str:
+          call_id: str = "c1@h", from_tag: str = "ft1") -> str:
+    """A reply; `from_tag` is the request sender's (a reply copies the request's From)."""
     ctype = "c: application/sdp;charset=x\r\n" if body else ""  # compact form, parameter
     return (f"SIP/2.0 {status} Some Reason\r\n"
-            f"f: <sip:alice@example.com>;tag=ft1\r\nt: <sip:bob@example.net>;tag=tt9\r\n"
+            f"f: <sip:alice@example.com>;tag={from_tag}\r\nt: <sip:bob@example.net>;tag=tt9\r\n"
             f"i: {call_id}\r\nCSeq: {cseq} {method}\r\n{ctype}\r\n{body}")
 
 
@@ -119,7 +120,7 @@ def test_reinvite_from_either_side_is_a_rekey() -> None:
     assert r.read(f"request 3 {CODE}", request("ACK", 1)) is None
     # the callee re-INVITEs (its own From tag)
     assert r.read(f"request 4 {CODE}", request("INVITE", 5, ANSWER, from_tag="tt9")) is None
-    _, item = r.read(f"reply 5 {CODE}", reply(200, 5, body=OFFER)) or ("", {})
+    _, item = r.read(f"reply 5 {CODE}", reply(200, 5, body=OFFER, from_tag="tt9")) or ("", {})
     assert (item["rekey"], item["offerer"], item["offer"], item["answer"]) == \
         (True, "callee", ANSWER, OFFER)
     # the caller's UPDATE
@@ -203,3 +204,44 @@ def test_multipart_without_usable_sdp(ctype: str, body: str) -> None:
     text = request("INVITE", 1).replace("Content-Length: 0\r\n",
                                         f"Content-Type: {ctype}\r\n\r\n") + body
     assert RawMessage.read(text).sdp == ""
+
+
+def test_same_cseq_number_from_both_sides_are_different_transactions() -> None:
+    r = NoteReader()
+    r.read(f"invite 1 {CODE} 1 603", request("INVITE", 1, OFFER))
+    r.read(f"reply 2 {CODE}", reply(200, 1, body=ANSWER))
+    # the callee's first own request also has CSeq 1 (each side counts its own)
+    r.read(f"request 3 {CODE}", request("INVITE", 1, ANSWER, from_tag="tt9"))
+    r.read(f"request 4 {CODE}", request("UPDATE", 2, OFFER))  # the caller's
+    _, mine = r.read(f"reply 5 {CODE}", reply(200, 1, body=OFFER, from_tag="tt9")) or ("", {})
+    assert (mine["offer"], mine["offerer"], mine["rekey"]) == (ANSWER, "callee", True)
+
+
+def test_offer_in_a_reliable_183_answered_in_the_prack() -> None:
+    """RFC 3262: INVITE without SDP, the callee offers in a reliable 183, the PRACK answers;
+    the 200 to the PRACK is no call event, the INVITE's 200 is the Answer."""
+    r = NoteReader()
+    r.read(f"invite 1 {CODE} 1 603", request("INVITE", 1))
+    _, early = r.read(f"reply 2 {CODE}", reply(183, 1, body=OFFER)) or ("", {})
+    assert (early["offer"], early["answer"]) == ("", OFFER)  # no key event yet
+    kind, prack = r.read(f"request 3 {CODE}", request("PRACK", 2, ANSWER)) or ("", {})
+    assert kind == "ack"
+    assert (prack["offer"], prack["answer"], prack["offerer"]) == (OFFER, ANSWER, "callee")
+    _, ok = r.read(f"reply 4 {CODE}", reply(200, 2, "PRACK")) or ("", {})
+    assert ok["keys_only"] is True
+    _, final = r.read(f"reply 5 {CODE}", reply(200, 1)) or ("", {})
+    assert (final["keys_only"], final["status"]) == (False, 200)
+    assert r.read(f"request 6 {CODE}", request("ACK", 1)) is None  # nothing left to answer
+    # a PRACK failure does not end the call
+    r.read(f"request 7 {CODE}", request("PRACK", 3, OFFER))
+    _, bad = r.read(f"reply 8 {CODE}", reply(481, 3, "PRACK")) or ("", {})
+    assert bad["keys_only"] is True and r.calls.get("c1@h") is not None
+
+
+def test_offer_in_a_prack_is_answered_in_its_200() -> None:
+    r = NoteReader()
+    r.read(f"invite 1 {CODE} 1 603", request("INVITE", 1, OFFER))
+    r.read(f"reply 2 {CODE}", reply(183, 1, body=ANSWER))
+    r.read(f"request 3 {CODE}", request("PRACK", 2, OFFER.replace("AAAA", "CCCC")))
+    _, ok = r.read(f"reply 4 {CODE}", reply(200, 2, "PRACK", body=ANSWER)) or ("", {})
+    assert ok["keys_only"] and "CCCC" in ok["offer"] and ok["answer"] == ANSWER
