@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -36,6 +35,7 @@ from media.queue import MessageQueue, QueueFull
 from media.sdp import SessionDescription, answer_for
 from media.session import CallSession, Outcome, Prompts, RtpChannel, SessionConfig
 from media.sip import NameAddr, ServerCall, SipUas, UasConfig
+from media.statsfile import write_stats_file
 from scoring import config_admin, passtoken, reputation
 from scoring.config import Config
 from scoring.model import caller_identity
@@ -211,15 +211,8 @@ class AnsweringMachine:
                 "send_lateness": self.send_jitter.as_dict()}
 
     def write_stats(self) -> None:
-        path = self.s.stats_file
-        if path is None:
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.snapshot()))
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("stats not written to %s: %s", path, exc)
+        if self.s.stats_file is not None:
+            write_stats_file(self.s.stats_file, self.snapshot())
 
     async def _stats_loop(self) -> None:
         while True:

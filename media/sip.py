@@ -806,6 +806,29 @@ class UasConfig:
             raise ValueError(f"bad contact_user {self.contact_user!r}")
 
 
+class SendCounters(Protocol):
+    """The two counters `send_datagram` keeps (both SIP endpoints' stats have them)."""
+
+    retransmissions_sent: int
+    send_errors: int
+
+
+def send_datagram(transport: asyncio.DatagramTransport | None, stats: SendCounters,
+                  data: bytes, addr: Address, *, retransmission: bool = False) -> None:
+    """Send one datagram, counting retransmissions and failures; never raises (a send error
+    is a lost datagram, which SIP's timers recover from)."""
+    if retransmission:
+        stats.retransmissions_sent += 1
+    if transport is None:
+        stats.send_errors += 1
+        return
+    try:
+        transport.sendto(data, addr)
+    except (OSError, ValueError, OverflowError, TypeError) as exc:
+        stats.send_errors += 1
+        log.debug("could not send to %s: %s", addr, exc)
+
+
 @dataclass
 class SipStats:
     """Counters of one :class:`SipUas` (monotonic; read them, do not write)."""
@@ -1805,16 +1828,7 @@ class SipUas(asyncio.DatagramProtocol):
     # ----------------------------------------------------------------- sending
 
     def _send(self, data: bytes, addr: Address, *, retransmission: bool = False) -> None:
-        if retransmission:
-            self.stats.retransmissions_sent += 1
-        if self._transport is None:
-            self.stats.send_errors += 1
-            return
-        try:
-            self._transport.sendto(data, addr)
-        except (OSError, ValueError, OverflowError, TypeError) as exc:
-            self.stats.send_errors += 1
-            log.debug("could not send to %s: %s", addr, exc)
+        send_datagram(self._transport, self.stats, data, addr, retransmission=retransmission)
 
 
 _REASONS = {

@@ -27,6 +27,7 @@ from media.sip import (
     SipMessage,
     SipTimers,
     SipUri,
+    send_datagram,
 )
 
 log = logging.getLogger(__name__)
@@ -310,16 +311,7 @@ class SipEndpoint(asyncio.DatagramProtocol):
     # ----------------------------------------------------------------- sending
 
     def _send(self, data: bytes, addr: Address, *, retransmission: bool = False) -> None:
-        if retransmission:
-            self.stats.retransmissions_sent += 1
-        if self._transport is None:
-            self.stats.send_errors += 1
-            return
-        try:
-            self._transport.sendto(data, addr)
-        except (OSError, ValueError, OverflowError, TypeError) as exc:
-            self.stats.send_errors += 1
-            log.debug("could not send to %s: %s", addr, exc)
+        send_datagram(self._transport, self.stats, data, addr, retransmission=retransmission)
 
     def request(self, msg: SipMessage, addr: Address) -> asyncio.Future[SipMessage | None]:
         """Send ``msg`` (its top Via carries our branch) as a non-INVITE client transaction

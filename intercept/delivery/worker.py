@@ -33,7 +33,6 @@ import bisect
 import contextlib
 import json
 import logging
-import os
 import re
 import secrets
 import socket
@@ -75,6 +74,7 @@ from intercept.delivery.sipua import (
 from intercept.events import SMIME_CONTENT_DISPOSITION, SMIME_CONTENT_TYPE
 from intercept.targets import SUBSCRIBE, check_liid
 from media.sip import SipMessage, SipTimers, SipUri
+from media.statsfile import write_stats_file
 
 log = logging.getLogger("spitwall.deliver")
 
@@ -390,15 +390,8 @@ class DeliveryWorker:
         }
 
     def write_stats(self) -> None:
-        path = self.s.stats_file
-        if path is None:
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.snapshot()))
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("stats not written to %s: %s", path, exc)
+        if self.s.stats_file is not None:
+            write_stats_file(self.s.stats_file, self.snapshot())
 
     async def _stats_loop(self) -> None:
         while True:
