@@ -163,6 +163,22 @@ def _lab(lab_factory: Any, uas: SrtpUas) -> Lab:
     return lab
 
 
+def target_call(lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient,
+                target: str, caller: str, callee: str, uac_media: Media, uas_media: Media,
+                uac: str = "uac_srtp.xml", uas: str = "uas_srtp.xml"
+                ) -> tuple[list[tuple[str, str]], list[Any]]:
+    """Provision `target`, place one call through a fresh lab, return (the case's decrypted
+    events, the INVITEs the callee received); the case is removed again."""
+    liid = provision(client, recipient, target)
+    try:
+        with srtp_uas(tmp_path / "uas", uas_media, uas) as srv:
+            lab = _lab(lab_factory, srv)
+            srtp_call(lab, tmp_path / "uac", caller, callee, uac_media, scenario=uac)
+            return events_of(client, recipient, liid), srv.invites()
+    finally:
+        unprovision(client, liid)
+
+
 def test_sdes_call_of_a_target_yields_events_and_usable_keys(
         lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
     caller = f"tgt{uuid.uuid4().hex[:8]}"
@@ -209,14 +225,8 @@ def test_callee_target_is_the_answerer(
         lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
     callee = f"tgt{uuid.uuid4().hex[:8]}"
     k_caller, k_callee = new_key(), new_key()
-    with srtp_uas(tmp_path / "uas", sdes(k_callee, 4444)) as uas:
-        lab = _lab(lab_factory, uas)
-        liid = provision(client, recipient, f"{callee}@127.0.0.1")
-        try:
-            srtp_call(lab, tmp_path / "uac", "carol", callee, sdes(k_caller, 3333))
-            events = events_of(client, recipient, liid)
-        finally:
-            unprovision(client, liid)
+    events, _ = target_call(lab_factory, tmp_path, client, recipient, f"{callee}@127.0.0.1",
+                            "carol", callee, sdes(k_caller, 3333), sdes(k_callee, 4444))
     assert [e for e, _ in events] == ["TerminationAttempt", "Keys", "Answer", "Release"]
     body = dict(events)["Keys"]
     assert "a=x-target:answerer" in body
@@ -231,15 +241,9 @@ def test_non_utf8_caller_does_not_cost_the_targets_keys(
     the callee target's events and keys still come."""
     callee = f"tgt{uuid.uuid4().hex[:8]}"
     k_caller, k_callee = new_key(), new_key()
-    with srtp_uas(tmp_path / "uas", sdes(k_callee, 4444)) as uas:
-        lab = _lab(lab_factory, uas)
-        liid = provision(client, recipient, f"{callee}@127.0.0.1")
-        try:
-            # "\udce9" is passed to SIPp as the single byte 0xE9 (latin-1 e-acute)
-            srtp_call(lab, tmp_path / "uac", "caf\udce9", callee, sdes(k_caller, 3333))
-            events = events_of(client, recipient, liid)
-        finally:
-            unprovision(client, liid)
+    # "\udce9" is passed to SIPp as the single byte 0xE9 (latin-1 e-acute)
+    events, _ = target_call(lab_factory, tmp_path, client, recipient, f"{callee}@127.0.0.1",
+                            "caf\udce9", callee, sdes(k_caller, 3333), sdes(k_callee, 4444))
     sent = (tmp_path / "uac" / "uac_messages.log").read_bytes()
     assert b"caf\xe9@" in sent  # the test did send the byte
     assert [e for e, _ in events] == ["TerminationAttempt", "Keys", "Answer", "Release"]
@@ -254,16 +258,9 @@ def test_sdp_in_a_multipart_body_sip_i(
     the SDP part are found; the relayed INVITE keeps its multipart body."""
     caller = f"tgt{uuid.uuid4().hex[:8]}"
     k_caller, k_callee = new_key(), new_key()
-    liid = provision(client, recipient, f"{caller}@127.0.0.2")
-    try:
-        with srtp_uas(tmp_path / "uas", sdes(k_callee, 2222)) as uas:
-            lab = _lab(lab_factory, uas)
-            srtp_call(lab, tmp_path / "uac", caller, "bob", sdes(k_caller, 1111),
-                      scenario="uac_srtp_multipart.xml")
-            events = events_of(client, recipient, liid)
-            relayed = uas.invites()
-    finally:
-        unprovision(client, liid)
+    events, relayed = target_call(lab_factory, tmp_path, client, recipient,
+                                  f"{caller}@127.0.0.2", caller, "bob", sdes(k_caller, 1111),
+                                  sdes(k_callee, 2222), uac="uac_srtp_multipart.xml")
     assert relayed and "ISUP-IAM-PLACEHOLDER" in relayed[0].raw
     assert [e for e, _ in events] == ["Origination", "Keys", "Answer", "Release"]
     body = dict(events)["Keys"]
@@ -277,15 +274,9 @@ def test_offer_in_a_reliable_183_answered_in_the_prack(
     answers in the PRACK (through the proxy, record-routed)."""
     caller = f"tgt{uuid.uuid4().hex[:8]}"
     k_caller, k_callee = new_key(), new_key()
-    liid = provision(client, recipient, f"{caller}@127.0.0.2")
-    try:
-        with srtp_uas(tmp_path / "uas", sdes(k_callee, 2222), "uas_srtp_prack.xml") as uas:
-            lab = _lab(lab_factory, uas)
-            srtp_call(lab, tmp_path / "uac", caller, "bob", sdes(k_caller, 1111),
-                      scenario="uac_srtp_prack.xml")
-            events = events_of(client, recipient, liid)
-    finally:
-        unprovision(client, liid)
+    events, _ = target_call(lab_factory, tmp_path, client, recipient, f"{caller}@127.0.0.2",
+                            caller, "bob", sdes(k_caller, 1111), sdes(k_callee, 2222),
+                            uac="uac_srtp_prack.xml", uas="uas_srtp_prack.xml")
     assert [e for e, _ in events] == ["Origination", "Keys", "Answer", "Release"]
     body = dict(events)["Keys"]
     assert "a=x-target:answerer" in body  # the caller answered this exchange
@@ -301,15 +292,9 @@ def test_reinvite_with_new_keys_is_a_rekey(
     uac_media.attr3 = f"crypto:1 {SUITE} inline:{k3}"
     uas_media = sdes(k2, 2222)
     uas_media.attr3 = f"crypto:1 {SUITE} inline:{k4}"
-    liid = provision(client, recipient, f"{caller}@127.0.0.2")
-    try:
-        with srtp_uas(tmp_path / "uas", uas_media, "uas_srtp_rekey.xml") as uas:
-            lab = _lab(lab_factory, uas)
-            srtp_call(lab, tmp_path / "uac", caller, "bob", uac_media,
-                      scenario="uac_srtp_rekey.xml")
-            events = events_of(client, recipient, liid)
-    finally:
-        unprovision(client, liid)
+    events, _ = target_call(lab_factory, tmp_path, client, recipient, f"{caller}@127.0.0.2",
+                            caller, "bob", uac_media, uas_media, uac="uac_srtp_rekey.xml",
+                            uas="uas_srtp_rekey.xml")
     assert [e for e, _ in events] == ["Origination", "Keys", "Answer", "Keys", "ReKey",
                                       "Release"]
     first, second = [b for e, b in events if e == "Keys"]
@@ -323,15 +308,9 @@ def test_late_offer_answered_in_the_ack(
     """INVITE without SDP: the callee offers in the 200, the caller answers in the ACK."""
     caller = f"tgt{uuid.uuid4().hex[:8]}"
     k_caller, k_callee = new_key(), new_key()
-    liid = provision(client, recipient, f"{caller}@127.0.0.2")
-    try:
-        with srtp_uas(tmp_path / "uas", sdes(k_callee, 2222)) as uas:
-            lab = _lab(lab_factory, uas)
-            srtp_call(lab, tmp_path / "uac", caller, "bob", sdes(k_caller, 1111),
-                      scenario="uac_srtp_late.xml")
-            events = events_of(client, recipient, liid)
-    finally:
-        unprovision(client, liid)
+    events, _ = target_call(lab_factory, tmp_path, client, recipient, f"{caller}@127.0.0.2",
+                            caller, "bob", sdes(k_caller, 1111), sdes(k_callee, 2222),
+                            uac="uac_srtp_late.xml")
     assert sorted(e for e, _ in events) == ["Answer", "Keys", "Origination", "Release"]
     body = dict(events)["Keys"]
     assert "a=x-target:answerer" in body  # the caller answered this exchange
@@ -348,14 +327,8 @@ def test_keys_not_in_signalling_are_reported(
         lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient,
         media: Media, method: str) -> None:
     caller = f"tgt{uuid.uuid4().hex[:8]}"
-    liid = provision(client, recipient, f"{caller}@127.0.0.2")
-    try:
-        with srtp_uas(tmp_path / "uas", media) as uas:
-            lab = _lab(lab_factory, uas)
-            srtp_call(lab, tmp_path / "uac", caller, "bob", media)
-            events = events_of(client, recipient, liid)
-    finally:
-        unprovision(client, liid)
+    events, _ = target_call(lab_factory, tmp_path, client, recipient, f"{caller}@127.0.0.2",
+                            caller, "bob", media, media)
     body = dict(events)["Keys"]
     assert f"a=x-key-method:{method}" in body
     assert not attr(body, "crypto") and not attr(body, "rcrypto")
