@@ -28,6 +28,7 @@ from intercept import names
 from intercept.targets import Target, normalise_identity
 from ops.lab import Lab
 from ops.sipp import SIPP_DIR, free_udp_port, parse_message_log, sipp_binary, stop_popen
+from scoring import config_admin
 from tests.intercept_certs import Recipient, make_recipient
 
 pytestmark = pytest.mark.timeout(180)
@@ -234,6 +235,34 @@ def test_callee_target_is_the_answerer(
     assert attr(body, "rcrypto") == [f"1 {SUITE} inline:{k_caller} SSRC=3333"]
 
 
+@pytest.mark.parametrize("uniform", ["true", "false"])
+def test_target_and_plain_calls_with_and_without_uniform_path(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient,
+        uniform: str) -> None:
+    """li.uniform on (every call arms the reply route while a target exists) or off (only the
+    target's): the target's events are the same, and an ordinary call beside it gets none."""
+    callee = f"tgt{uuid.uuid4().hex[:8]}"
+    k_caller, k_callee = new_key(), new_key()
+    config_admin.set_value(client, "li.uniform", uniform, user="test")
+    try:
+        with srtp_uas(tmp_path / "uas", sdes(k_callee, 4444)) as uas:
+            lab = _lab(lab_factory, uas)
+            liid = provision(client, recipient, f"{callee}@127.0.0.1")
+            try:
+                time.sleep(1.2)  # the children's config poll
+                before = client.xlen(names.EVENTS)
+                srtp_call(lab, tmp_path / "plain", "dave", "someone", sdes(new_key(), 5555))
+                srtp_call(lab, tmp_path / "uac", "carol", callee, sdes(k_caller, 3333))
+                events = events_of(client, recipient, liid)
+            finally:
+                unprovision(client, liid)
+    finally:
+        config_admin.reset(client, "li.uniform", user="test")
+    assert [e for e, _ in events] == ["TerminationAttempt", "Keys", "Answer", "Release"]
+    assert attr(dict(events)["Keys"], "crypto") == [f"1 {SUITE} inline:{k_callee} SSRC=4444"]
+    assert client.xlen(names.EVENTS) - before == 4  # nothing from the ordinary call
+
+
 def test_non_utf8_caller_does_not_cost_the_targets_keys(
         lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
     """A byte that is not UTF-8 in the caller's From (Kamailio relays it; Python cannot read
@@ -373,7 +402,6 @@ def test_recording_indication_only_for_recording_mode(
         lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient) -> None:
     """With li.recording_indication on, a recording-mode target's call carries a=record:on
     (RFC 7866) in both directions; an intercept target's call never does."""
-    from scoring import config_admin
 
     recorded, tapped = f"rec{uuid.uuid4().hex[:8]}", f"tgt{uuid.uuid4().hex[:8]}"
     rec_liid = provision(client, recipient, f"{recorded}@127.0.0.2", mode="recording")
