@@ -50,6 +50,7 @@ from ops.lab import start_redis_server  # noqa: E402
 from ops.procs import free_port, sip_options_ping, stop_pid  # noqa: E402
 from ops.sipp import stop_popen  # noqa: E402
 from tests.integration.recorder import Recorder, recipient_keypair, synthetic_entry  # noqa: E402
+from tests.redis_replies import as_fields  # noqa: E402
 
 LIID = "BENCH-1"
 
@@ -90,7 +91,7 @@ def pending(client: redis.Redis) -> int:
 def preload(client: redis.Redis, entries: list[dict[str, Any]]) -> None:
     pipe = client.pipeline(transaction=False)
     for i, fields in enumerate(entries):
-        pipe.xadd(names.EVENTS, fields)
+        pipe.xadd(names.EVENTS, as_fields(fields))
         if i % 500 == 499:
             pipe.execute()
     pipe.execute()

@@ -30,6 +30,7 @@ from intercept.delivery.digest import ha1
 from ops.procs import free_port, sip_options_ping
 from ops.sipp import stop_popen
 from tests.integration.recorder import Recorder, recipient_keypair, synthetic_entry
+from tests.redis_replies import as_fields, bytes_entries
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +121,7 @@ def add(client: redis.Redis, dest: str, cert: bytes, n: int = 1, liid: str = "CA
     ids = []
     for _ in range(n):
         eid, fields = synthetic_entry(dest, liid, cert, kind=kind)
-        client.xadd(names.EVENTS, fields)  # type: ignore[arg-type]
+        client.xadd(names.EVENTS, as_fields(fields))
         ids.append(eid)
     return ids
 
@@ -147,7 +148,7 @@ def allow(client: redis.Redis, address: str, **record: Any) -> None:
 
 def audit(client: redis.Redis) -> list[dict[str, str]]:
     return [{k.decode(): v.decode() for k, v in f.items()}
-            for _id, f in client.xrange(names.AUDIT)]
+            for _id, f in bytes_entries(client.xrange(names.AUDIT))]
 
 
 # --------------------------------------------------------------------------- PUBLISH
@@ -258,7 +259,8 @@ def test_dead_letter_then_replay(client: redis.Redis, recorder: Recorder,
                                "body": b"\x30"})  # undeliverable: dead at once
     assert wait(lambda: client.xlen(names.DEAD) == 3, 15)
     assert wait(lambda: pending(client) == 0)
-    dead = [{k.decode(): v for k, v in f.items()} for _id, f in client.xrange(names.DEAD)]
+    dead = [{k.decode(): v for k, v in f.items()}
+            for _id, f in bytes_entries(client.xrange(names.DEAD))]
     by_id = {d["id"].decode(): d for d in dead}
     for eid in ids:
         assert by_id[eid]["attempts"] == b"3"
@@ -267,7 +269,8 @@ def test_dead_letter_then_replay(client: redis.Redis, recorder: Recorder,
     assert by_id["x"]["attempts"] == b"0" and b"undeliverable" in by_id["x"]["error"]
     assert recorder.events == []  # a 503 is not a delivery
     assert client.hget(names.DELIVERY_STATS, "dead") == b"3"
-    client.xdel(names.DEAD, next(i for i, f in client.xrange(names.DEAD) if f[b"id"] == b"x"))
+    client.xdel(names.DEAD, next(i for i, f in bytes_entries(client.xrange(names.DEAD))
+                                 if f[b"id"] == b"x"))
 
     recorder.respond = 200
     assert replay(client, None) == 2
@@ -391,7 +394,7 @@ def test_subscribe_flood_is_answered_and_audit_stays_bounded(
                          f"Call-ID: flood{i}\r\nCSeq: 1 SUBSCRIBE\r\n"
                          f"Contact: <sip:x@127.0.0.5:{lport}>\r\nEvent: srtp\r\n"
                          "Content-Length: 0\r\n\r\n").encode(), worker.address)
-        codes = []
+        codes: list[int] = []
         with contextlib.suppress(TimeoutError):
             while len(codes) < n:
                 codes.append(int(sock.recv(4096).split(b" ", 2)[1]))
@@ -452,7 +455,7 @@ def test_subscribe_events_without_subscriber_are_dead_lettered(
     start_worker("--max-attempts", "2", "--backoff", "0.1")
     add(client, "subscribe", recipient[1], 1, liid="CASE-4")
     assert wait(lambda: client.xlen(names.DEAD) == 1, 10)
-    (_id, fields), = client.xrange(names.DEAD)
+    (_id, fields), = bytes_entries(client.xrange(names.DEAD))
     assert fields[b"error"] == b"no active subscription" and fields[b"attempts"] == b"2"
 
 

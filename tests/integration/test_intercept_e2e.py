@@ -25,6 +25,7 @@ from ops.lab import Lab
 from tests.integration.helpers import spitwall
 from tests.integration.recorder import Recorder, recipient_keypair
 from tests.integration.test_intercept_proxy import SUITE, attr, new_key, sdes, srtp_call, srtp_uas
+from tests.redis_replies import bytes_entries
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -143,7 +144,7 @@ def test_subscribe_through_the_proxy_gets_notifies(
     keys_body = next(e.text for e in events if e.content_type == "application/sdp")
     _srtp_check(keys_body, k_caller, 1111)
     assert stranger.events == []
-    audit = [f for _i, f in client.xrange(names.AUDIT)]
+    audit = [f for _i, f in bytes_entries(client.xrange(names.AUDIT))]
     assert any(b"subscribe_refused" in v for f in audit for v in f.values()), audit[-3:]
 
 

@@ -30,6 +30,7 @@ from ops.lab import Lab
 from ops.sipp import SIPP_DIR, free_udp_port, parse_message_log, sipp_binary, stop_popen
 from scoring import config_admin
 from tests.intercept_certs import Recipient, make_recipient
+from tests.redis_replies import bytes_entries
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -132,7 +133,7 @@ def events_of(client: redis.Redis, recipient: Recipient, liid: str,
     deadline = time.monotonic() + timeout
     while True:
         got = []
-        for _id, fields in client.xrange(names.EVENTS):
+        for _id, fields in bytes_entries(client.xrange(names.EVENTS)):
             if fields[b"liid"].decode() != liid:
                 continue
             assert fields[b"v"] == b"1"
@@ -217,7 +218,7 @@ def test_sdes_call_of_a_target_yields_events_and_usable_keys(
         assert receiver.unprotect(sender.protect(rtp))[12:] == payload
 
     # never in plaintext in Redis
-    for _id, fields in client.xrange(names.EVENTS):
+    for _id, fields in bytes_entries(client.xrange(names.EVENTS)):
         for value in fields.values():
             assert k_caller.encode() not in value and k_callee.encode() not in value
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from ops.sipp import free_udp_port, run_uac
+from ops.sipp import SipMessage, free_udp_port, run_uac
 from scoring.store import find_decision
 from tests.integration.helpers import invite, rig, rows, send_all, spitwall
 
@@ -108,7 +108,7 @@ def test_alert_info_from_untrusted_caller_never_reaches_next_hop(lab_factory: An
                                  b"normal>\r\n", src_ip="127.0.14.1")], port,
                  src_ip="127.0.14.1")
         deadline = time.monotonic() + 5
-        kept = []
+        kept: list[SipMessage] = []
         while time.monotonic() < deadline and not kept:
             kept = [m for m in r.next_hop.invite_messages() if m.call_id == "bad-32@127.0.14.1"]
             time.sleep(0.1)

@@ -8,6 +8,7 @@ permission shows up as it would in production.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from ops import cli
 from scoring import config_admin, keys, reputation
 from scoring.model import Action, Contribution, Decision
 from scoring.store import Store
+from tests.redis_replies import as_fields, bytes_entries
 from tests.unit.intercept.test_provision import make_cert
 from tests.unit.scoring.support import attempt
 
@@ -290,8 +292,8 @@ def test_admin_provisions_and_cannot_erase_the_audit(client_for: ClientFor, li_s
     assert len(provision.audit_tail(li, None)) == 5
     assert provision.audit_integrity(li)["removed"] == 0
     # dead-letter replay: read the dead letter, re-queue it, drop it from the dead stream
-    ((dead_id, fields),) = li.xrange(names.DEAD)
-    li.xadd(names.EVENTS, fields)
+    ((dead_id, fields),) = bytes_entries(li.xrange(names.DEAD))
+    li.xadd(names.EVENTS, as_fields(fields))
     assert li.xdel(names.DEAD, dead_id) == 1
     audit_len = admin.xlen(names.AUDIT)
     for command in (("DEL", names.AUDIT), ("UNLINK", names.AUDIT),
@@ -302,7 +304,7 @@ def test_admin_provisions_and_cannot_erase_the_audit(client_for: ClientFor, li_s
                     ("RESTORE", names.AUDIT, "0", "x", "REPLACE"), ("FLUSHALL",),
                     ("GET", keys.CONFIG_VERSION), ("SCAN", "0"), ("KEYS", "*"),
                     ("CONFIG", "SET", "appendonly", "no")):
-        _noperm(lambda c=command: li.execute_command(*c))  # type: ignore[misc]
+        _noperm(functools.partial(li.execute_command, *command))
     assert admin.xlen(names.AUDIT) == audit_len
 
 
@@ -312,6 +314,7 @@ def test_deliver_consumes_the_stream(client_for: ClientFor, li_state: None,
     d = client_for(acl.DELIVER)
     d.xgroup_create(names.EVENTS, names.EVENTS_GROUP, id="0", mkstream=True)
     got = d.xreadgroup(names.EVENTS_GROUP, "w1", {names.EVENTS: ">"}, count=10)
+    assert isinstance(got, list)  # redis-py's default shape: [[stream, entries]]
     ((_stream, entries),) = got
     (entry_id, _fields) = entries[0]
     assert d.xpending(names.EVENTS, names.EVENTS_GROUP)["pending"] == 1
@@ -339,7 +342,7 @@ def test_deliver_consumes_the_stream(client_for: ClientFor, li_state: None,
                     ("EXPIRE", names.AUDIT, "1"), ("EXPIRE", names.TARGETS, "1"),
                     ("HSET", keys.CONFIG, "a", "b"), ("GET", keys.CONFIG_VERSION),
                     ("SCAN", "0"), ("FLUSHALL",)):
-        _noperm(lambda c=command: d.execute_command(*c))  # type: ignore[misc]
+        _noperm(functools.partial(d.execute_command, *command))
     assert provision.audit_integrity(admin)["removed"] == 0
 
 
@@ -351,6 +354,7 @@ def test_apply_users_is_idempotent_and_resets_passwords(admin: redis.Redis, redi
     assert fresh != passwords and all(len(p) == 64 for p in fresh.values())
     assert acl.apply_users(admin, fresh) == [acl.user_name(r) for r in acl.ROLES]
     after = admin.acl_getuser(acl.user_name(acl.PROXY))
+    assert before is not None and after is not None
     assert {k: v for k, v in before.items() if k != "passwords"} == \
         {k: v for k, v in after.items() if k != "passwords"}
     old = redis.Redis.from_url(acl.user_url(redis_url, acl.OPS, passwords[acl.OPS]))

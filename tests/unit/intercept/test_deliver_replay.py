@@ -9,6 +9,7 @@ import redis
 
 from intercept import names
 from intercept.deliver import main, replay
+from tests.redis_replies import bytes_entries
 
 
 @pytest.fixture
@@ -31,13 +32,13 @@ def test_replay_moves_oldest_first_and_strips_dead_fields(client: redis.Redis) -
     ids = _dead(client, 5)
     assert replay(client, 2) == 2
     assert client.xlen(names.DEAD) == 3
-    moved = client.xrange(names.EVENTS)
+    moved = bytes_entries(client.xrange(names.EVENTS))
     assert [f[b"id"] for _sid, f in moved] == ids[:2]
     assert moved[0][1] == {b"v": b"1", b"id": b"e0", b"liid": b"L", b"dest": b"subscribe",
                            b"body": bytes([0, 255, 0])}
     assert replay(client, None) == 3
     assert client.xlen(names.DEAD) == 0
-    assert [f[b"id"] for _sid, f in client.xrange(names.EVENTS)] == ids
+    assert [f[b"id"] for _sid, f in bytes_entries(client.xrange(names.EVENTS))] == ids
     assert replay(client, None) == 0
     assert replay(client, 0) == 0
 

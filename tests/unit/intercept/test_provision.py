@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from intercept import names, provision
 from intercept.targets import Target, TargetSnapshot
+from tests.redis_replies import bytes_entries, bytes_hash
 
 NOW = 1_800_000_000.0
 
@@ -49,8 +50,8 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-def _target(pem: bytes, liid: str = "CASE-1", **kw: object) -> Target:
-    args: dict[str, object] = {"liid": liid, "identities": ["+1 555-123-0001",
+def _target(pem: bytes, **kw: object) -> Target:
+    args: dict[str, object] = {"liid": "CASE-1", "identities": ["+1 555-123-0001",
                                                            "sip:Alice@Example.com"],
                                "deliver_to": "sip:li@192.0.2.5:5060", "cert_pem": pem,
                                "user": "tester"}
@@ -110,7 +111,7 @@ def test_add_show_list_remove_with_version_and_audit(r: redis.Redis, pem: bytes)
     assert provision.show_target(r, "CASE-1") == t
     assert provision.list_targets(r) == ([t], [])
     # the proxy's view of the same hash
-    snap, errors = TargetSnapshot.from_hash(r.hgetall(names.TARGETS), 1)
+    snap, errors = TargetSnapshot.from_hash(bytes_hash(r.hgetall(names.TARGETS)), 1)
     assert errors == [] and snap.match(["tel:15551230001"], [], t.start + 1)
 
     (entry,) = provision.audit_tail(r)
@@ -121,7 +122,7 @@ def test_add_show_list_remove_with_version_and_audit(r: redis.Redis, pem: bytes)
     assert detail["identities"] == ["tel:15551230001", "alice@example.com"]
     assert detail["end"] == "2040-01-01T00:00:00Z"
     assert set(detail["cert"]) == {"subject", "sha256", "not_after"}
-    raw_audit = r.xrange(names.AUDIT)[0][1][b"detail"]
+    raw_audit = bytes_entries(r.xrange(names.AUDIT))[0][1][b"detail"]
     assert b"BEGIN CERTIFICATE" not in raw_audit and b"MII" not in raw_audit
 
     removed = provision.remove_target(r, "CASE-1", user="bob")
@@ -263,7 +264,7 @@ def test_recorder_records_read_by_the_delivery_worker(r: redis.Redis) -> None:
 ])
 def test_recorder_credentials_refused(r: redis.Redis, kw: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        provision.recorder_allow(r, ["192.0.2.7"], **kw)  # type: ignore[arg-type]
+        provision.recorder_allow(r, ["192.0.2.7"], **kw)
     with pytest.raises(ValueError, match="recorder address"):
         provision.recorder_allow(r, ["192.0.2.7", "nope"])
     assert _state(r) == ({}, None, {}, 0)

@@ -14,6 +14,7 @@ import redis
 from lists.model import LIST_NAMES
 from lists.store import EXPORT_VERSION, ListStore, load_lists
 from scoring import keys
+from tests.redis_replies import bytes_entries
 
 
 @pytest.fixture
@@ -29,7 +30,8 @@ def ls(r: redis.Redis) -> ListStore:
 
 
 def _audit(r: redis.Redis) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in f.items()} for _id, f in r.xrange(keys.AUDIT)]
+    return [{k.decode(): v.decode() for k, v in f.items()}
+            for _id, f in bytes_entries(r.xrange(keys.AUDIT))]
 
 
 def _snapshot(r: redis.Redis) -> dict[str, Any]:

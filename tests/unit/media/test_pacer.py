@@ -14,7 +14,10 @@ def test_sends_in_deadline_order_on_its_own_timer() -> None:
         t0 = loop.time()
         got: list[tuple[str, float]] = []
         for name, dt in (("c", 0.06), ("a", 0.02), ("b", 0.04)):
-            pacer.at(t0 + dt, lambda n=name, d=dt: got.append((n, loop.time() - (t0 + d))))
+            def send(n: str = name, d: float = dt) -> None:
+                got.append((n, loop.time() - (t0 + d)))
+
+            pacer.at(t0 + dt, send)
         await asyncio.sleep(0.12)
         return got
 

@@ -14,6 +14,7 @@ from ops import cli
 from scoring import keys
 from scoring.model import Action, Contribution, Decision
 from scoring.store import Store
+from tests.redis_replies import str_entries
 from tests.unit.scoring.support import attempt, dead_redis_url
 
 Result = tuple[int, str, str]
@@ -110,7 +111,7 @@ def test_config_set_text(run: Run, r: redis.Redis) -> None:
     assert (rc, out, err) == (0, "divert_threshold = 0.4\n", "")
     assert r.hget(keys.CONFIG, "divert_threshold") == "0.4"
     assert r.get(keys.CONFIG_VERSION) == "1"
-    [(_id, entry)] = r.xrange(keys.AUDIT)
+    [(_id, entry)] = str_entries(r.xrange(keys.AUDIT))
     assert (entry["key"], entry["new"]) == ("divert_threshold", "0.4")
     assert entry["user"]
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from scoring import audit, config_admin, keys
+from tests.redis_replies import str_entries, str_hash
 
 
 @pytest.fixture
@@ -18,11 +20,13 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 
 def _audit(r: redis.Redis) -> list[dict[str, str]]:
-    return [fields for _id, fields in r.xrange(keys.AUDIT)]
+    return [fields for _id, fields in str_entries(r.xrange(keys.AUDIT))]
 
 
 def _state(r: redis.Redis) -> tuple[dict[str, str], str | None, int]:
-    return r.hgetall(keys.CONFIG), r.get(keys.CONFIG_VERSION), r.xlen(keys.AUDIT)
+    config, version, length = r.hgetall(keys.CONFIG), r.get(keys.CONFIG_VERSION), r.xlen(keys.AUDIT)
+    assert version is None or isinstance(version, str)
+    return str_hash(config), version, length
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def test_reset_leaves_a_consistent_config(r: redis.Redis) -> None:
 
 
 def test_os_user_names_sudo_user(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(audit.getpass, "getuser", lambda: "root")
+    monkeypatch.setattr(getpass, "getuser", lambda: "root")  # what audit.os_user calls
     monkeypatch.setenv("SUDO_USER", "alice")
     assert audit.os_user() == "alice (via sudo as root)"
     monkeypatch.setenv("SUDO_USER", "root")
@@ -194,7 +198,7 @@ def test_os_user_without_passwd_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail() -> str:
         raise KeyError("no passwd entry")
 
-    monkeypatch.setattr(audit.getpass, "getuser", fail)
+    monkeypatch.setattr(getpass, "getuser", fail)
     monkeypatch.delenv("SUDO_USER", raising=False)
     assert audit.os_user().startswith("uid:")
 

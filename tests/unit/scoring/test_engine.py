@@ -8,12 +8,12 @@ from lists.matcher import ListSnapshot
 from lists.model import ListEntry
 from scoring.checks.base import Context
 from scoring.config import Config
-from scoring.engine import DEFAULT_CHECKS, decide
+from scoring.engine import DEFAULT_CHECKS, CheckFn, decide
 from scoring.model import Action, CheckResult, Contribution, Decision, Signals
 from tests.unit.scoring.support import attempt, config, ctx, snapshot
 
 
-def fixed(name: str, score: float, reason: str = "") -> tuple[str, object, bool]:
+def fixed(name: str, score: float, reason: str = "") -> tuple[str, CheckFn, bool]:
     def fn(_ctx: Context) -> CheckResult:
         return CheckResult(name, score, reason)
     return (name, fn, True)

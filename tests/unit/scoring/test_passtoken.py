@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from scoring import config_admin, passtoken
@@ -56,14 +58,14 @@ def test_service_relays_a_valid_pass_unscored(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
     config_admin.set_value(r, "media.token_key", KEY, user="test")
     svc = ScoringService(Store(redis_url, timeout=2.0))
-    base = dict(call_id="p1", source_ip="192.0.2.1", from_user="14155550100",
-                from_domain="x", ruri_user="bob", user_agent="friendly-scanner")
-    svc.score(CallAttempt(**base), now=NOW)  # learn the config
+    base = CallAttempt(call_id="p1", source_ip="192.0.2.1", from_user="14155550100",
+                       from_domain="x", ruri_user="bob", user_agent="friendly-scanner")
+    svc.score(base, now=NOW)  # learn the config
     tok = passtoken.issue(KEY, "tel:14155550100", "bob", 30, now=NOW)
-    d = svc.score(CallAttempt(**{**base, "call_id": "p2", "pass_token": tok}), now=NOW + 1)
+    d = svc.score(replace(base, call_id="p2", pass_token=tok), now=NOW + 1)
     assert d.rule == "pass" and d.action.value == "relay"
     forged = tok[:-2] + "AA"
-    d = svc.score(CallAttempt(**{**base, "call_id": "p3", "pass_token": forged}), now=NOW + 1)
+    d = svc.score(replace(base, call_id="p3", pass_token=forged), now=NOW + 1)
     assert d.rule == "score" and d.action.value == "reject"
     assert svc.counters["pass_token_refused"] == 1
 
@@ -74,11 +76,11 @@ def test_a_pass_token_counts_once(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
     config_admin.set_value(r, "media.token_key", KEY, user="test")
     svc = ScoringService(Store(redis_url, timeout=2.0))
-    base = dict(call_id="q1", source_ip="192.0.2.2", from_user="alice", from_domain="x.org",
-                ruri_user="bob", user_agent="friendly-scanner")
-    svc.score(CallAttempt(**base), now=NOW)
+    base = CallAttempt(call_id="q1", source_ip="192.0.2.2", from_user="alice",
+                       from_domain="x.org", ruri_user="bob", user_agent="friendly-scanner")
+    svc.score(base, now=NOW)
     tok = passtoken.issue(KEY, "alice@x.org", "bob", 30, now=NOW)
-    first = svc.score(CallAttempt(**{**base, "call_id": "q2", "pass_token": tok}), now=NOW + 1)
-    again = svc.score(CallAttempt(**{**base, "call_id": "q3", "pass_token": tok}), now=NOW + 2)
+    first = svc.score(replace(base, call_id="q2", pass_token=tok), now=NOW + 1)
+    again = svc.score(replace(base, call_id="q3", pass_token=tok), now=NOW + 2)
     assert first.rule == "pass"
     assert again.rule == "score" and again.action.value == "reject"

@@ -25,6 +25,7 @@ from scoring.store import (
     pack_decision,
     unpack_decision,
 )
+from tests.redis_replies import as_fields
 from tests.unit.scoring.support import attempt, config, dead_redis_url
 
 # A fixed time at the very start of a 300 s (and so of a 10 s) bucket: every observe of a test
@@ -417,7 +418,7 @@ def test_redis_error_reply_becomes_unavailable(store: Store, r: redis.Redis) -> 
 def test_fetch_config_applies_overrides(store: Store, r: redis.Redis,
                                         raw: dict[str, str]) -> None:
     """Regression: redis-py 8 speaks RESP3, where HGETALL is a map, not a flat list."""
-    r.hset(keys.CONFIG, mapping=raw)
+    r.hset(keys.CONFIG, mapping=as_fields(raw))
     r.set(keys.CONFIG_VERSION, 5)
     cfg = store.fetch_config()
     assert cfg.version == 5
