@@ -185,7 +185,7 @@ def test_expiry_is_honoured_at_match_time(kind: str, value: str, kw: dict[str, o
     lst = m(ListEntry(kind, value, expires=1000.0))
     assert lst.match(now=999.0, **kw) is not None  # type: ignore[arg-type]
     assert lst.match(now=1000.0, **kw) is None  # type: ignore[arg-type]
-    assert lst.match(**kw) is None  # type: ignore[arg-type]  (wall clock: long expired)
+    assert lst.match(**kw) is None  # type: ignore[arg-type]  # wall clock: long expired
 
 
 def test_expired_entry_does_not_hide_a_live_one() -> None:

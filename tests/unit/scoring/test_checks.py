@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from lists.model import ListEntry
@@ -67,10 +69,14 @@ def test_caller_numbers_skips_names() -> None:
 # rate checks: the highest ramp over the two windows
 
 
-@pytest.mark.parametrize(("check", "field"), [(rate_ip, "ip_rate"), (rate_caller, "caller_rate"),
-                                              (rate_callee, "callee_rate")])
-def test_rate_zero_without_traffic(check, field) -> None:  # type: ignore[no-untyped-def]
-    r = check(ctx(sig=Signals(**{field: {10: 1.0, 300: 1.0}})))
+_LOW = {10: 1.0, 300: 1.0}
+
+
+@pytest.mark.parametrize(("check", "sig"), [(rate_ip, Signals(ip_rate=_LOW)),
+                                            (rate_caller, Signals(caller_rate=_LOW)),
+                                            (rate_callee, Signals(callee_rate=_LOW))])
+def test_rate_zero_without_traffic(check: Any, sig: Signals) -> None:
+    r = check(ctx(sig=sig))
     assert r.score == 0.0
     assert r.reason == ""
     assert r.name == check.name
