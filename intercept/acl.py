@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from intercept import names
+from scoring import redisconn
 
 PROXY = "proxy"
 OPS = "ops"
@@ -180,9 +181,12 @@ def remove_passwords(client: Any, passwords: Mapping[str, str]) -> None:
 
 def user_url(base_url: str, role: str, password: str) -> str:
     """``base_url`` (redis://host:port/db, any credentials dropped) with this role's user."""
+    if redisconn.is_sentinel(base_url):
+        return redisconn.SentinelUrl.parse(base_url).with_credentials(user_name(role), password)
     parts = urlsplit(base_url)
     if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"cannot put credentials into {base_url!r}: not redis:// or rediss://")
+        raise ValueError(f"cannot put credentials into {redisconn.redacted(base_url)!r}: "
+                         "not redis://, rediss:// or redis+sentinel://")
     host = parts.hostname or "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"

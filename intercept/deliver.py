@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import redis.asyncio as aredis
 
 from intercept import names
 from intercept.delivery.policy import parse_source
 from intercept.delivery.worker import DeliveryWorker, Settings
+from scoring import redisconn
 
 __all__ = ["main", "replay"]
 
@@ -149,7 +149,7 @@ def _replay_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     url = args.redis or os.environ.get("SPITWALL_REDIS") or DEFAULT_REDIS
     try:
-        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+        client = redisconn.client(url, socket_timeout=5, socket_connect_timeout=3)
         moved = replay(client, args.count)
     except (redis.RedisError, OSError, ValueError) as exc:
         print(f"spitwall deliver replay: {exc}", file=sys.stderr)
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     url = args.redis or os.environ.get("SPITWALL_REDIS") or DEFAULT_REDIS
     try:
+        redisconn.check_url(url)
         settings = Settings(
             redis_url=url, sip_addr=args.sip_addr, sip_port=args.sip_port, proxy=args.proxy,
             consumer=args.consumer, max_attempts=args.max_attempts, backoff=args.backoff,
@@ -185,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     async def run() -> None:
-        client = aredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
-                                       health_check_interval=30)
+        client = redisconn.async_client(url, socket_timeout=5, socket_connect_timeout=3,
+                                        health_check_interval=30)
         worker = DeliveryWorker(settings, client)
         try:
             await worker.start()

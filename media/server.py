@@ -36,7 +36,7 @@ from media.sdp import SessionDescription, answer_for
 from media.session import CallSession, Outcome, Prompts, RtpChannel, SessionConfig
 from media.sip import NameAddr, ServerCall, SipUas, UasConfig
 from media.statsfile import write_stats_file
-from scoring import config_admin, passtoken, reputation
+from scoring import config_admin, passtoken, redisconn, reputation
 from scoring.config import Config
 from scoring.model import caller_identity
 
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.max_calls, stats_file=args.stats_file, ring_ms=args.ring_ms)
     except ValueError as exc:
         p.error(str(exc))
-    client = redis.Redis.from_url(args.redis, socket_timeout=2, socket_connect_timeout=2)
+    client = redisconn.client(args.redis, socket_timeout=2, socket_connect_timeout=2)
 
     async def run() -> None:
         am = AnsweringMachine(settings, client)

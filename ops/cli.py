@@ -19,6 +19,8 @@ from typing import Any, NoReturn
 
 import redis
 
+from scoring import redisconn
+
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -52,12 +54,12 @@ def redis_url(args: argparse.Namespace) -> str:
 def client(args: argparse.Namespace) -> redis.Redis:
     url = redis_url(args)
     try:
-        c = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+        c = redisconn.client(url, socket_timeout=5, socket_connect_timeout=3)
         c.ping()
     except ValueError as exc:
-        raise CliError(f"bad --redis URL {url!r}: {exc}") from None
+        raise CliError(f"bad --redis URL {redisconn.redacted(url)!r}: {exc}") from None
     except redis.RedisError as exc:
-        raise CliError(f"cannot reach Redis at {url}: {exc}") from None
+        raise CliError(f"cannot reach Redis at {redisconn.redacted(url)}: {exc}") from None
     return c
 
 

@@ -26,7 +26,7 @@ import redis
 
 from ops.lab import Lab, LabError
 from ops.sipp import UacResult, run_svmap, run_svwar, run_uac, start_uas
-from scoring import keys
+from scoring import keys, redisconn
 from scoring.store import find_decision, unpack_decision
 
 LEGIT_SOURCES = [f"127.10.0.{i}" for i in range(1, 6)]
@@ -103,7 +103,7 @@ def run(workdir: Path, quiet: bool = False) -> list[ClassResult]:
         state = lab.up(next_hop=f"sip:127.0.0.1:{hop.port}", children=4, redis_url=None)
         say(f"lab up: proxy {state.sip_uri}, redis {state.redis_url}, next hop "
             f"127.0.0.1:{hop.port}, answering machine {state.media_uri}")
-        client = redis.Redis.from_url(state.redis_url)
+        client = redisconn.client(state.redis_url)
         host, port = state.sip_addr, state.sip_port
 
         legit = ClassResult("legitimate callers (5 IPs)")

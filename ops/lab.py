@@ -287,12 +287,25 @@ def _redis_endpoint(url: str) -> tuple[str, int, str | None, str | None] | None:
     return parts.hostname or "127.0.0.1", port, username, password
 
 
-def _redis_answers(url: str, timeout: float = 1.0) -> bool | None:
+def _redis_answers(url: str, timeout: float = 1.0) -> bool:
+    """PING through a raw socket where that can be done (plain ``redis://``), else through
+    redis-py (TLS, unix sockets, Sentinel: the sentinels are asked for the master first)."""
     endpoint = _redis_endpoint(url)
-    if endpoint is None:
-        return None
-    host, port, username, password = endpoint
-    return redis_ping(host, port, timeout, username=username, password=password)
+    if endpoint is not None:
+        host, port, username, password = endpoint
+        return redis_ping(host, port, timeout, username=username, password=password)
+    import redis
+
+    from scoring import redisconn
+
+    try:
+        client = redisconn.client(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
 
 
 def _kamailio_answers(state: LabState, timeout: float = 1.0) -> bool:
@@ -528,6 +541,7 @@ class Lab:
         import redis
 
         from intercept import acl
+        from scoring import redisconn
 
         passwords = acl.generate_passwords()
         urls = {role: acl.user_url(state.redis_url, role, pw) for role, pw in passwords.items()}
@@ -539,14 +553,22 @@ class Lab:
         state.users_file = str(path)
         state.users_shared = shared
         self._save(state)  # recorded before the users exist, so a failure cleans them up
-        client = redis.Redis.from_url(state.redis_url, socket_timeout=5, socket_connect_timeout=3)
         try:
-            acl.apply_users(client, passwords, keep_other_passwords=shared)
+            # every data node: ACL users are not replicated, and a replica may become master
+            nodes = redisconn.node_clients(state.redis_url, socket_timeout=5,
+                                           socket_connect_timeout=3)
         except (redis.RedisError, ValueError) as exc:
-            raise LabError(f"cannot create the Redis role users on {state.redis_url}: {exc}"
-                           ) from exc
+            raise LabError(f"cannot reach the Redis nodes of {redisconn.redacted(state.redis_url)}"
+                           f": {exc}") from exc
+        try:
+            for client in nodes:
+                acl.apply_users(client, passwords, keep_other_passwords=shared)
+        except (redis.RedisError, ValueError) as exc:
+            raise LabError("cannot create the Redis role users on "
+                           f"{redisconn.redacted(state.redis_url)}: {exc}") from exc
         finally:
-            client.close()
+            for client in nodes:
+                client.close()
 
     def _drop_users(self, state: LabState) -> list[str]:
         """Undo `_create_users`: on a shared Redis take our passwords away again; remove the
@@ -558,16 +580,19 @@ class Lab:
             import redis
 
             from intercept import acl
+            from scoring import redisconn
 
             try:
                 urls = state.users()
                 passwords = {role: unquote(urlsplit(u).password or "") for role, u in urls.items()}
-                client = redis.Redis.from_url(state.redis_url, socket_timeout=3,
-                                              socket_connect_timeout=2)
+                nodes = redisconn.node_clients(state.redis_url, socket_timeout=3,
+                                               socket_connect_timeout=2)
                 try:
-                    acl.remove_passwords(client, {r: p for r, p in passwords.items() if p})
+                    for client in nodes:
+                        acl.remove_passwords(client, {r: p for r, p in passwords.items() if p})
                 finally:
-                    client.close()
+                    for client in nodes:
+                        client.close()
             except (LabError, redis.RedisError, ValueError) as exc:  # down goes on regardless
                 warnings.append(f"could not remove the lab's Redis passwords: {exc}")
         Path(state.users_file).unlink(missing_ok=True)
@@ -708,8 +733,18 @@ def _validate_up(
         raise LabError(f"--sip-addr must be an IP address, not {sip_addr!r}") from exc
     if redis_url is not None and redis_port is not None:
         raise LabError("--redis-port starts our own Redis; it cannot be combined with --redis")
-    if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        raise LabError(f"--redis must be a redis://, rediss:// or unix:// URL, not {redis_url!r}")
+    if redis_url is not None:
+        scheme = urlsplit(redis_url).scheme
+        if scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
+            raise LabError("--redis must be a redis://, rediss://, unix:// or redis+sentinel:// "
+                           f"URL, not {redis_url!r}")
+        if scheme == "redis+sentinel":
+            from scoring.redisconn import SentinelUrl
+
+            try:
+                SentinelUrl.parse(redis_url)
+            except ValueError as exc:
+                raise LabError(f"--redis: {exc}") from exc
     if next_hop is not None and (
         not next_hop.startswith(("sip:", "sips:")) or any(ch.isspace() for ch in next_hop)
     ):

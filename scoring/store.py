@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from lists.matcher import ListSnapshot
 from lists.store import load_lists
-from scoring import keys
+from scoring import keys, redisconn
 from scoring.config import Config
 from scoring.model import Action, CallAttempt, Decision, Signals
 from scoring.reputation import caller_rep_key, ip_rep_key, update_command
@@ -65,7 +65,7 @@ class Store:
 
     def __init__(self, url: str, *, timeout: float = 0.2, retry_after: float = 1.0) -> None:
         self.url = url
-        self.pool = redis.ConnectionPool.from_url(
+        self.pool = redisconn.connection_pool(
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self.retry_after = retry_after

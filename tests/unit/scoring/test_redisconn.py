@@ -1,0 +1,88 @@
+"""Redis URL forms, Sentinel included: parsing is strict and its errors name the wrong part."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from scoring import redisconn
+from scoring.redisconn import SentinelUrl
+
+
+def test_full_sentinel_url_is_parsed() -> None:
+    u = SentinelUrl.parse("redis+sentinel://proxy:s%40cret@10.0.0.1:26380,[::1],sent-b/spit/3"
+                          "?sentinel_password=pw&sentinel_timeout=0.5")
+    assert u.sentinels == (("10.0.0.1", 26380), ("::1", 26379), ("sent-b", 26379))
+    assert (u.service, u.db) == ("spit", 3)
+    assert (u.username, u.password) == ("proxy", "s@cret")
+    assert (u.sentinel_username, u.sentinel_password, u.sentinel_timeout) == (None, "pw", 0.5)
+
+
+def test_defaults_and_password_only_credentials() -> None:
+    u = SentinelUrl.parse("redis+sentinel://secret@h/mymaster")
+    assert u.sentinels == (("h", 26379),)
+    assert (u.service, u.db, u.username, u.password) == ("mymaster", 0, None, "secret")
+    assert SentinelUrl.parse("REDIS+SENTINEL://h:1/m/").db == 0
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("redis://h/0", "not a redis+sentinel:// URL"),
+    ("redis+sentinel://h:26379", "service name"),
+    ("redis+sentinel://h:26379/", "service name"),
+    ("redis+sentinel://h/bad name", "service name must be"),
+    ("redis+sentinel://h/m/x", "database must be"),
+    ("redis+sentinel://h/m/1/2", "path must be"),
+    ("redis+sentinel://h:0/m", "bad sentinel port"),
+    ("redis+sentinel://h:99999/m", "bad sentinel port"),
+    ("redis+sentinel://h:abc/m", "bad sentinel port"),
+    ("redis+sentinel://h,,i/m", "empty sentinel address"),
+    ("redis+sentinel://[::1/m", "bad IPv6"),
+    ("redis+sentinel://h/m?password=x", "unknown sentinel URL parameter 'password'"),
+    ("redis+sentinel://h/m?sentinel_timeout=0", "sentinel_timeout"),
+    ("redis+sentinel://h/m?sentinel_timeout=abc", "sentinel_timeout"),
+    ("redis+sentinel://h/m#frag", "fragment"),
+])
+def test_malformed_urls_are_refused_precisely(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        SentinelUrl.parse(url)
+
+
+def test_errors_never_echo_the_password() -> None:
+    with pytest.raises(ValueError) as err:
+        SentinelUrl.parse("redis+sentinel://u:topsecret@h:1/m/x")
+    assert "topsecret" not in str(err.value)
+
+
+def test_credentials_are_replaced_round_trip() -> None:
+    u = SentinelUrl.parse("redis+sentinel://old:pw@[::1]:1,h:2/svc/4?sentinel_password=s p")
+    url = u.with_credentials("spitwall-proxy", "n:e/w@")
+    again = SentinelUrl.parse(url)
+    assert again == SentinelUrl(u.sentinels, "svc", 4, "spitwall-proxy", "n:e/w@",
+                                None, "s p", None)
+
+
+def test_redacted_hides_passwords() -> None:
+    assert redisconn.redacted("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert redisconn.redacted("redis+sentinel://u:pw@a:1,b:2/m?sentinel_password=x&y=1") == \
+        "redis+sentinel://u:***@a:1,b:2/m?sentinel_password=***&y=1"
+    assert redisconn.redacted("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_plain_urls_go_to_redis_py(redis_url: str) -> None:
+    c = redisconn.client(redis_url, socket_timeout=2)
+    try:
+        assert c.ping()
+    finally:
+        c.close()
+    pool = redisconn.connection_pool(redis_url)
+    assert type(pool) is redis.ConnectionPool
+
+
+def test_sentinel_pool_asks_the_sentinels_lazily() -> None:
+    """Building a client does not connect: a Kamailio child can be set up while Redis and the
+    sentinels are down, and fails open at the first call instead."""
+    pool = redisconn.connection_pool("redis+sentinel://127.0.0.1:1/m", socket_timeout=0.2)
+    assert isinstance(pool, redis.sentinel.SentinelConnectionPool)
+    conn = pool.make_connection()
+    with pytest.raises(redis.ConnectionError):
+        conn.connect()  # type: ignore[no-untyped-call]
