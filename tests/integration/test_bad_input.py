@@ -89,3 +89,35 @@ def test_diversion_header_escapes_hostile_request_uri(lab_factory: Any) -> None:
         assert div.startswith(f"<sip:bob%0D%0AX-Evil%22%3C%3E%25zz@127.0.0.1:{r.port}>"), div
         assert "X-Evil" not in "".join(h for h, _ in got[0].header_items if h != "Diversion")
         assert not got[0].has_header("X-Evil")
+
+
+def test_separator_bytes_in_headers_do_not_shift_fields(lab_factory: Any) -> None:
+    """The proxy reads a request's fields in one formatted string split on ASCII 0x1F; a
+    caller who puts that byte (or the string "<null>") into its headers gets read field by
+    field instead: the source, the caller and the User-Agent stay what they are."""
+    with rig(lab_factory) as r:
+        src_port = free_udp_port("127.0.9.3")
+        msgs = [
+            invite(21, r.port, src_port, src_ip="127.0.9.3",
+                   from_hdr=b'"a\x1f127.6.6.6\x1f1" <sip:+14155550100@127.0.9.3>;tag=s1',
+                   ua=b"friendly-scanner\x1fLinphone"),
+            invite(22, r.port, src_port, src_ip="127.0.9.3", ua=b"<null>"),
+            invite(23, r.port, src_port, src_ip="127.0.9.3", ua=b"x",
+                   extra=b"P-Asserted-Identity: <sip:+14155550123@127.0.9.3>\r\n"),
+        ]
+        send_all(r.port, msgs, src_port, src_ip="127.0.9.3")
+        time.sleep(0.5)
+        client = redis.Redis.from_url(r.redis_url)
+        from scoring.store import find_decision
+
+        d = find_decision(client, "bad-21@127.0.9.3")
+        assert d is not None
+        assert d["call"]["src"].startswith("127.0.9.3:"), d["call"]
+        assert d["call"]["from"] == "sip:+14155550100@127.0.9.3", d["call"]
+        assert d["call"]["ua"] == "friendly-scanner\x1fLinphone"[:128].replace("\x1f", ""), d
+        scanner = next(c for c in d["checks"] if c[0] == "scanner")
+        assert scanner[1] == 1.0, scanner  # still seen as the scanner it is
+        d = find_decision(client, "bad-22@127.0.9.3")
+        assert d is not None and d["call"]["ua"] == "<null>", d  # literal, not "absent"
+        d = find_decision(client, "bad-23@127.0.9.3")
+        assert d is not None and d["call"]["ua"] == "x", d
