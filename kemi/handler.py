@@ -126,6 +126,8 @@ class Handler:
         self.timeout = 0.2
         self.errors = 0
         self.ktap = KemiTap()
+        #: the latest INVITE's action (relay/divert/reject), for `spitwall_invite`'s AVP
+        self.last_action = "relay"
 
     # -- lifecycle ---------------------------------------------------------------------
     def child_init(self, rank: int) -> int:
@@ -258,7 +260,7 @@ class Handler:
             return 1
 
         if KSR.is_INVITE():
-            rc = self.spitwall_invite(None)
+            rc = self._score_invite()
             if rc == 0:
                 return 1
             self._relay(set_next_hop=(rc == 1))
@@ -403,10 +405,23 @@ class Handler:
 
     # -- scoring -------------------------------------------------------------------------
     def spitwall_invite(self, msg: Any) -> int:
-        """Score an initial INVITE and apply the decision (also callable by python_exec).
+        """Score an initial INVITE and apply the decision: the entry point for native cfgs
+        (`python_exec("spitwall_invite")`), which read the outcome from `$avp(spitwall_rc)`
+        and `$avp(spitwall_action)`.
 
         Returns 1 relay, 2 diverted (relay to the new R-URI), 0 reply already sent.
         """
+        rc = self._score_invite()
+        try:
+            KSR.pv.seti("$avp(spitwall_rc)", rc)
+            KSR.pv.sets("$avp(spitwall_action)", self.last_action)
+        except Exception as exc:  # logged with traceback and counted
+            self._barrier(exc, "avp")
+        return rc
+
+    def _score_invite(self) -> int:
+        """Score and apply (our own request route; no AVPs needed there)."""
+        self.last_action = "relay"
         try:
             svc = self._ensure_service()
             attempt = build_attempt()
@@ -428,9 +443,7 @@ class Handler:
         if rc and (decision.rule != "disabled" or self.ktap.active()):
             self._track_dialog(attempt, diverted=(rc == 2))
             self.ktap.track(attempt)
-        # For native cfg callers of python_exec: $avp(spitwall_rc) and $avp(spitwall_action).
-        KSR.pv.seti("$avp(spitwall_rc)", rc)
-        KSR.pv.sets("$avp(spitwall_action)", decision.action.value)
+        self.last_action = decision.action.value
         return rc
 
     def _apply(self, decision: Decision, svc: ScoringService, attempt: CallAttempt) -> int:
