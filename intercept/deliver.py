@@ -8,8 +8,13 @@ left pending, and dead-letters after ``--max-attempts`` failures. `replay` puts 
 The machinery is in `intercept.delivery`; the wire format and the rules are documented in
 ``docs/intercept-delivery.md``.
 
+PUBLISH/NOTIFY go over UDP, TCP or TLS as the destination URI says (``sips:``,
+``;transport=tcp|tls|udp``), and over TCP when a request is larger than ``--udp-max`` and its
+URI names no transport; ``--tls-ca``/``--tls-cert``/``--tls-key`` set up (mutual) TLS.
+
 Run: ``python -m intercept.deliver --sip-port 5070 [options]`` (Redis URL from ``--redis`` or,
-to keep a password off the command line, ``$SPITWALL_REDIS``);
+to keep a password off the command line, ``$SPITWALL_REDIS``; an encrypted TLS key's password
+only from ``$SPITWALL_TLS_KEY_PASSWORD``);
 ``python -m intercept.deliver replay [--count N]`` re-queues dead letters.
 """
 
@@ -20,6 +25,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +44,8 @@ __all__ = ["main", "replay"]
 log = logging.getLogger("spitwall.deliver")
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+#: environment variable holding the password of an encrypted --tls-key (never on argv)
+TLS_KEY_PASSWORD_ENV = "SPITWALL_TLS_KEY_PASSWORD"
 #: fields a dead letter adds to the event's own (dropped again on replay)
 DEAD_FIELDS = ("error", "attempts")
 
@@ -93,6 +101,16 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return check
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spitwall deliver",
@@ -135,6 +153,25 @@ def _parser() -> argparse.ArgumentParser:
                         "XACK, so no ciphertext lingers in Redis)")
     p.add_argument("--expires-min", type=_positive(int), default=60)
     p.add_argument("--expires-max", type=_positive(int), default=3600)
+    t = p.add_argument_group("transport (PUBLISH/NOTIFY; SUBSCRIBE is received over UDP only)")
+    t.add_argument("--udp-max", type=_non_negative_int, default=1300, metavar="BYTES",
+                   help="a request larger than this goes over TCP when its URI names no "
+                        "transport (RFC 3261 18.1.1; default 1300, 0: never)")
+    t.add_argument("--tcp-fallback-hold", type=float, default=300.0, metavar="S",
+                   help="after such a TCP connect failed (the request then went over UDP), "
+                        "use UDP for that destination this long (default 300)")
+    t.add_argument("--connect-timeout", type=_positive(float), default=5.0, metavar="S",
+                   help="TCP connect + TLS handshake timeout (default 5)")
+    t.add_argument("--idle-timeout", type=_positive(float), default=60.0, metavar="S",
+                   help="close a TCP/TLS connection idle this long (default 60)")
+    t.add_argument("--tls-ca", type=Path, default=None, metavar="FILE",
+                   help="PEM CA bundle that TLS servers are verified against (default: the "
+                        "system CAs)")
+    t.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
+                   help="PEM client certificate chain for mutual TLS (may hold the key too)")
+    t.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
+                   help="PEM private key of --tls-cert (if encrypted, its password from $"
+                        + TLS_KEY_PASSWORD_ENV + ")")
     p.add_argument("--stats-file", type=Path, default=None,
                    help="write counters as JSON here (every second, on SIGUSR1 and at exit)")
     p.add_argument("--log-level", default="INFO")
@@ -180,15 +217,23 @@ def main(argv: list[str] | None = None) -> int:
             expires_min=args.expires_min,
             expires_max=args.expires_max,
             expires_default=min(max(3600, args.expires_min), args.expires_max),
-            stats_file=args.stats_file)
+            stats_file=args.stats_file, udp_max=args.udp_max,
+            tcp_fallback_hold=args.tcp_fallback_hold, connect_timeout=args.connect_timeout,
+            idle_timeout=args.idle_timeout, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+            tls_key=args.tls_key)
     except ValueError as exc:
         print(f"spitwall deliver: {exc}", file=sys.stderr)
+        return 2
+    try:  # bad TLS files are a start-up error, not a failure at the first TLS event
+        tls = settings.tls_context(os.environ.get(TLS_KEY_PASSWORD_ENV))
+    except (OSError, ssl.SSLError) as exc:
+        print(f"spitwall deliver: TLS set-up: {exc}", file=sys.stderr)
         return 2
 
     async def run() -> None:
         client = redisconn.async_client(url, socket_timeout=5, socket_connect_timeout=3,
                                         health_check_interval=30)
-        worker = DeliveryWorker(settings, client)
+        worker = DeliveryWorker(settings, client, tls=tls)
         try:
             await worker.start()
             stop = asyncio.Event()

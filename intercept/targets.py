@@ -30,6 +30,8 @@ MODES = ("intercept", "recording")
 SIDES = ("caller", "callee")
 DELIVERABLES = ("keys", "events")
 SUBSCRIBE = "subscribe"
+#: transports a delivery destination may name (`delivery_transport`)
+DELIVERY_TRANSPORTS = ("udp", "tcp", "tls")
 
 _LIID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 _NUMBER = re.compile(r"\+?[0-9]{3,20}")
@@ -92,12 +94,50 @@ def check_liid(liid: str) -> str:
     return liid
 
 
+def delivery_transport(scheme: str, transport: str | None) -> str | None:
+    """The transport a destination URI asks for: ``udp``, ``tcp`` or ``tls``; None when a
+    ``sip:`` URI names none (the delivery worker then picks UDP, or TCP for a large request).
+
+    ``sips:`` is TLS (RFC 3261 26.2; with ``;transport=tcp`` too, RFC 5630), and so is the
+    deprecated but common ``;transport=tls``. `ValueError` for a transport the worker does not
+    speak (sctp, ws, ...) and for ``sips:`` over UDP."""
+    scheme = scheme.lower()
+    value = transport.lower() if transport is not None else None
+    if value is not None and value not in DELIVERY_TRANSPORTS:
+        raise ValueError(f"transport {_show(value, 20)} is not one of "
+                         f"{', '.join(DELIVERY_TRANSPORTS)}")
+    if scheme == "sips":
+        if value == "udp":
+            raise ValueError("a sips: URI cannot be reached over UDP")
+        return "tls"
+    return value
+
+
+def _uri_transport(uri: str) -> str | None:
+    """The ``transport`` parameter of a URI that matched `_DELIVER_URI` (None: absent)."""
+    hostpart = uri.split(":", 1)[1].rpartition("@")[2]  # the user part may hold ';'
+    found: str | None = None
+    for param in hostpart.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.lower() == "transport":
+            if found is not None:
+                raise ValueError("more than one transport parameter")
+            found = value
+    return found
+
+
 def check_deliver_to(uri: str) -> str:
+    """A provisioned destination: ``subscribe``, or a ``sip:``/``sips:`` URI whose transport
+    (if any) the delivery worker speaks: ``;transport=udp|tcp|tls``."""
     if uri == SUBSCRIBE:
         return uri
     if not isinstance(uri, str) or not _DELIVER_URI.fullmatch(uri):
         raise ValueError(f"delivery destination {_show(uri)} is not a SIP URI "
-                         f"(sip:[user@]host[:port]) or '{SUBSCRIBE}'")
+                         f"(sip:[user@]host[:port] or sips:...) or '{SUBSCRIBE}'")
+    try:
+        delivery_transport(uri.split(":", 1)[0], _uri_transport(uri))
+    except ValueError as exc:
+        raise ValueError(f"delivery destination {_show(uri)}: {exc}") from None
     return uri
 
 

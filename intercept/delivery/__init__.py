@@ -7,8 +7,10 @@ in our own asyncio process, so that the target's call never waits for delivery.
 * `policy`  -- pure rules: the back-off schedule, subscription expiry, the recorder allow-list,
   the subscription record kept in Redis;
 * `digest`  -- RFC 2617 digest authentication of SUBSCRIBE (realm ``spitwall``);
-* `sipua`   -- one UDP socket: the PUBLISH/NOTIFY client transactions (Timer E/F), the server
-  transactions of SUBSCRIBE/OPTIONS, and the message builders;
+* `sipua`   -- the SIP endpoint: the PUBLISH/NOTIFY client transactions (Timer E/F) over the
+  transport each request's URI and size call for (UDP, TCP, TLS), the server transactions of
+  SUBSCRIBE/OPTIONS (UDP), and the message builders;
+* `stream`  -- TCP/TLS: persistent outbound connections, RFC 3261 18.3 framing, the TLS context;
 * `worker`  -- the consumer group member: reads, reclaims, delivers in order per destination,
   retries, dead-letters, and serves ``Event: srtp`` subscriptions.
 

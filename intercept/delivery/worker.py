@@ -21,9 +21,11 @@ How an entry flows:
 4. 2xx -> XACK (batched with the stats in one pipeline); ``max_attempts`` failures -> XADD to
    `names.DEAD` with ``error`` and ``attempts``, then XACK.
 
-Subscriptions (RFC 6665, ``Event: srtp``) are served on the same UDP socket; their state lives in
-`names.SUBSCRIPTIONS` so a restarted worker resumes them. Nothing here ever sees plaintext: bodies
-are DER S/MIME made by the proxy.
+PUBLISH and NOTIFY go over UDP, TCP or TLS as their destination URI (or the dialog's next hop)
+asks, and over TCP when a request too large for a safe datagram names no transport
+(`sipua.select_transport`). Subscriptions (RFC 6665, ``Event: srtp``) are served on the UDP
+socket; their state lives in `names.SUBSCRIPTIONS` so a restarted worker resumes them. Nothing
+here ever sees plaintext: bodies are DER S/MIME made by the proxy.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import logging
 import re
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
@@ -62,15 +65,23 @@ from intercept.delivery.sipua import (
     ALLOW,
     EVENT_PACKAGE,
     PUBLISH_EXPIRES,
+    UDP_MAX,
     Address,
+    DialogRoute,
+    NextHop,
     SipEndpoint,
+    TransportOptions,
+    TxResult,
     build_notify,
     build_publish,
+    default_port,
     dialog_route,
     is_ip,
     local_uri,
     new_tag,
+    uri_transport,
 )
+from intercept.delivery.stream import client_tls_context
 from intercept.events import SMIME_CONTENT_DISPOSITION, SMIME_CONTENT_TYPE
 from intercept.targets import SUBSCRIBE, check_liid
 from media.sip import SipMessage, SipTimers, SipUri
@@ -130,6 +141,17 @@ class Settings:
     #: leave acknowledged entries in EVENTS (default: XDEL them with the XACK)
     keep_delivered: bool = False
     grace: float = 2.0
+    #: requests over this size go over TCP when their URI names no transport (0: never)
+    udp_max: int = UDP_MAX
+    #: a destination whose TCP connect failed gets UDP this long (seconds)
+    tcp_fallback_hold: float = 300.0
+    connect_timeout: float = 5.0
+    #: outbound TCP/TLS connections idle this long are closed (seconds)
+    idle_timeout: float = 60.0
+    #: TLS: CA bundle (None: the system CAs); client certificate and key for mutual TLS
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -144,6 +166,17 @@ class Settings:
             raise ValueError("need 0 < expires_min <= expires_default <= expires_max")
         if self.sip_timeout is not None and self.sip_timeout <= 0:
             raise ValueError("sip_timeout must be > 0")
+        if self.udp_max < 0:
+            raise ValueError("udp_max must be >= 0 (0: never switch to TCP)")
+        if min(self.connect_timeout, self.idle_timeout) <= 0 or self.tcp_fallback_hold < 0:
+            raise ValueError("connect and idle timeouts must be > 0, the fallback hold >= 0")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("a TLS key needs its certificate (--tls-cert)")
+
+    def tls_context(self, key_password: str | None = None) -> ssl.SSLContext:
+        """The TLS client context these settings describe (`OSError`/`ssl.SSLError` when a
+        file is missing or wrong)."""
+        return client_tls_context(self.tls_ca, self.tls_cert, self.tls_key, key_password)
 
     @property
     def consumer_name(self) -> str:
@@ -221,11 +254,12 @@ def check_entry(fields: dict[str, bytes]) -> str | None:
         uri = SipUri.parse(dest)
     except ValueError as exc:
         return f"destination is not a SIP URI: {exc}"
-    if uri.scheme != "sip":
-        return f"destination scheme {uri.scheme}: only sip: over UDP is delivered"
-    transport = (uri.param("transport") or "udp").lower()
-    if transport != "udp":
-        return f"destination transport {transport}: only UDP is delivered"
+    if uri.scheme not in ("sip", "sips"):
+        return f"destination scheme {uri.scheme}: only sip: and sips: are delivered"
+    try:
+        uri_transport(uri)
+    except ValueError as exc:
+        return f"destination: {exc}"
     return None
 
 
@@ -286,13 +320,20 @@ class Counters:
 
 
 class DeliveryWorker:
-    def __init__(self, settings: Settings, client: aredis.Redis) -> None:
+    def __init__(self, settings: Settings, client: aredis.Redis, *,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: the TLS client context (default: made from the settings' files)."""
         self.s = settings
         self.redis = client
         self.consumer = settings.consumer_name
         self.stats = Counters()
         timers = SipTimers(t1=settings.t1, t2=max(settings.t1, 4.0))
-        self.ep = SipEndpoint(self._on_request, timers=timers, timeout=settings.sip_timeout)
+        transports = TransportOptions(
+            udp_max=settings.udp_max, tcp_fallback_hold=settings.tcp_fallback_hold,
+            connect_timeout=settings.connect_timeout, idle_timeout=settings.idle_timeout,
+            tls=tls if tls is not None else settings.tls_context())
+        self.ep = SipEndpoint(self._on_request, timers=timers, timeout=settings.sip_timeout,
+                              transports=transports)
         self.nonces = digest.Nonces()
         self.lanes: dict[str, Lane] = {}
         self.known: dict[str, Entry] = {}
@@ -330,7 +371,8 @@ class DeliveryWorker:
                       asyncio.create_task(self._acker(), name="acker")]
         if self.s.stats_file is not None:
             self._main.append(asyncio.create_task(self._stats_loop(), name="stats"))
-        log.info("delivery worker %s on udp %s:%d", self.consumer, addr[0], addr[1])
+        log.info("delivery worker %s on udp %s:%d (PUBLISH/NOTIFY also over TCP/TLS)",
+                 self.consumer, addr[0], addr[1])
         return addr
 
     async def stop(self) -> None:
@@ -756,9 +798,9 @@ class DeliveryWorker:
 
     # ----------------------------------------------------------------- PUBLISH
 
-    async def _resolve(self, uri: SipUri) -> Address:
+    async def _resolve(self, uri: SipUri, port_default: int = 5060) -> Address:
         host = uri.host.strip("[]")
-        port = uri.port or 5060
+        port = uri.port or port_default
         if is_ip(host):
             return host, port
         now = time.monotonic()
@@ -778,19 +820,22 @@ class DeliveryWorker:
 
     async def _publish(self, entry: Entry) -> Outcome:
         uri = SipUri.parse(entry.dest)
+        transport = uri_transport(uri)  # ValueError: undeliverable (check_entry saw to it)
         try:
-            addr = await self._resolve(uri)
+            addr = await self._resolve(uri, default_port(transport))
         except LookupError as exc:
             entry.error = str(exc)
             return "retry"
+        hop = NextHop.for_uri(uri, addr)
         expires = PUBLISH_EXPIRES
         for _ in range(2):  # a 423 with Min-Expires is retried once at once
             msg = build_publish(entry.dest, entry.body, local=self.ep.local,
                                 content_type=entry.content_type,
                                 content_disposition=SMIME_CONTENT_DISPOSITION, expires=expires)
-            resp = await self.ep.request(msg, addr)
+            result = await self.ep.send_request(msg, hop)
+            resp = result.response
             if resp is None:
-                entry.error = "no final response (transaction timeout)"
+                entry.error = f"no final response ({result.error})"
                 return "retry"
             status = resp.status or 0
             if 200 <= status < 300:
@@ -848,9 +893,11 @@ class DeliveryWorker:
         sub = replace(sub, local_cseq=sub.local_cseq + 1)
         self.subs[sub_id] = sub
         self._dirty_subs.add(sub_id)
-        resp = await self._send_notify(sub, body=body, content_type=content_type, state=state)
+        result = await self._send_notify(sub, body=body, content_type=content_type,
+                                         state=state)
+        resp = result.response
         if resp is None:
-            return False, "NOTIFY: no final response (transaction timeout)"
+            return False, f"NOTIFY: no final response ({result.error})"
         status = resp.status or 0
         if 200 <= status < 300:
             return True, ""
@@ -862,15 +909,32 @@ class DeliveryWorker:
     async def _send_notify(
         self, sub: Subscription, *, body: bytes = b"", content_type: str | None = None,
         state: str | None = None,
-    ) -> SipMessage | None:  # fmt: skip
+    ) -> TxResult:  # fmt: skip
         route = dialog_route(sub.remote_target, sub.route_set, sub.fallback)
+        try:
+            hop = await self._dialog_hop(route)
+        except ValueError as exc:
+            return TxResult(None, f"next hop {route.hop_uri}: {exc}")
+        except LookupError as exc:
+            return TxResult(None, str(exc))
         msg = build_notify(
             route=route, local=self.ep.local, call_id=sub.call_id, local_uri_=sub.local_uri,
             local_tag=sub.local_tag, remote_uri=sub.remote_uri, remote_tag=sub.remote_tag,
             cseq=sub.local_cseq, state=state or sub.state(time.time()),
             event_param=sub.event_param, body=body, content_type=content_type,
             content_disposition=SMIME_CONTENT_DISPOSITION if body else None)
-        return await self.ep.request(msg, route.next_hop)
+        return await self.ep.send_request(msg, hop)
+
+    async def _dialog_hop(self, route: DialogRoute) -> NextHop:
+        """The NOTIFY's next hop with the transport its URI asks for. A hop given by name keeps
+        going where the SUBSCRIBE came from (``route.next_hop``) over UDP or size-chosen TCP,
+        as before; with an explicit TCP/TLS transport the name is resolved, so the connection
+        goes to it and TLS verifies that name."""
+        uri = SipUri.parse(route.hop_uri)
+        hop = NextHop.for_uri(uri, route.next_hop)
+        if hop.transport in ("tcp", "tls") and not is_ip(uri.host):
+            hop = replace(hop, addr=await self._resolve(uri, default_port(hop.transport)))
+        return hop
 
     # ----------------------------------------------------------------- subscriptions
 
@@ -1171,6 +1235,13 @@ class DeliveryWorker:
             return
         if target.scheme == "tel":
             self.ep.respond(msg, addr, 400, "Bad Contact", to_tag=new_tag())
+            return
+        try:  # NOTIFYs must be able to reach the next hop: a transport we speak
+            uri_transport(SipUri.parse(dialog_route(contact.uri, msg.values("Record-Route"),
+                                                    addr).hop_uri))
+        except ValueError:
+            self.ep.respond(msg, addr, 400, "Unsupported Transport In Contact Or Route",
+                            to_tag=new_tag())
             return
         now = time.time()
         sub = Subscription(
