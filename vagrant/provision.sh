@@ -6,6 +6,7 @@ set -euo pipefail
 
 PKGS=(
   kamailio kamailio-python3-modules   # the proxy and app_python3 (KEMI)
+  kamailio-tls-modules                # tests: Kamailio as the TLS server delivery is tested on
   redis-server                        # shared state
   sip-tester                          # SIPp: load and functional tests
   python3-venv python3-dev gcc        # the project venv, from Debian's /usr/bin/python3
