@@ -133,8 +133,9 @@ def _entry(**over: bytes) -> dict[str, bytes]:
     (_entry(v=b"2"), "unknown entry version"),
     (_entry(body=b""), "entry without 'body'"),
     (_entry(dest=b"mailto:x@y"), "destination is not a SIP URI"),
-    (_entry(dest=b"sips:rec@192.0.2.9"), "only sip: over UDP"),
-    (_entry(dest=b"sip:rec@192.0.2.9;transport=tcp"), "only UDP"),
+    (_entry(dest=b"sips:rec@192.0.2.9"), None),
+    (_entry(dest=b"sip:rec@192.0.2.9;transport=tcp"), None),
+    (_entry(dest=b"sip:rec@192.0.2.9;transport=sctp"), "transport 'sctp'"),
     (_entry(dest=b"subscribe", liid=b"bad liid!"), "LIID"),
 ])
 def test_check_entry(fields: dict[str, bytes], problem: str | None) -> None:
