@@ -53,6 +53,7 @@ from urllib.parse import unquote
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberFormat, ValidationResult
 
+from scoring import numberplan
 from scoring.checks.base import Context
 from scoring.model import CallAttempt, CheckResult
 
@@ -180,7 +181,7 @@ def _plan_verdict(num: phonenumbers.PhoneNumber, nsn: str,
         return SCORE_INVALID, "has an unknown country code"
     if possible not in (ValidationResult.IS_POSSIBLE, ValidationResult.IS_POSSIBLE_LOCAL_ONLY):
         return SCORE_INVALID, "has a length no number in its country has"
-    if not phonenumbers.is_valid_number(num):
+    if not numberplan.is_valid_number(num):
         return SCORE_UNASSIGNED, "is not in an assigned number range"
     return 0.0, ""
 
