@@ -92,9 +92,9 @@ def test_diversion_header_escapes_hostile_request_uri(lab_factory: Any) -> None:
 
 
 def test_separator_bytes_in_headers_do_not_shift_fields(lab_factory: Any) -> None:
-    """The proxy reads a request's fields in one formatted string split on ASCII 0x1F; a
-    caller who puts that byte (or the string "<null>") into its headers gets read field by
-    field instead: the source, the caller and the User-Agent stay what they are."""
+    """Control bytes (ASCII 0x1F, a separator in many formats) and the string "<null>"
+    (Kamailio's rendering of an absent value) in headers shift or blank no field: the source,
+    the caller and the User-Agent stay what they are."""
     with rig(lab_factory) as r:
         src_port = free_udp_port("127.0.9.3")
         msgs = [
