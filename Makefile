@@ -40,5 +40,11 @@ typecheck: setup
 bench: setup
 	$(VPY) bench/load.py
 
+# Render the systemd units for this clone (deploy/install.py; docs/deployment.md). As root;
+# more options: make install-units INSTALL_UNITS_ARGS='--dry-run --statedir /srv/spitwall'
+.PHONY: install-units
+install-units: setup
+	$(PY) deploy/install.py --prefix $(CURDIR) $(INSTALL_UNITS_ARGS)
+
 clean:
 	rm -rf $(VENV) .lab .mypy_cache .ruff_cache

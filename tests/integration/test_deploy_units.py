@@ -1,0 +1,476 @@
+"""The systemd units of deploy/, run as systemd would run them -- without systemd.
+
+There is no systemd as PID 1 here, so each rendered unit is read the way the service manager
+reads it: the [Service] keys of the unit and its drop-ins (an empty ``ExecStart=`` clears the
+list), the environment from ``Environment=`` and then ``EnvironmentFile=`` (later wins), plus
+``$RUNTIME_DIRECTORY`` (what ``RuntimeDirectory=`` sets; a tmp directory here), and ``ExecStart=``
+split into words with ``${VAR}`` replaced inside a word and a lone ``$VAR`` split at whitespace.
+That command line is then started as a real process, in / (systemd's default working
+directory), with only that environment. The env files are the ones the installer wrote, filled
+in as an operator would: the test's redis-server with a Redis ACL user per role (as
+`intercept.acl.apply_users` makes them in production), free ports on 127.0.0.1, the state
+directory in tmp. Each process must come up (SIP OPTIONS 200, or alive and working), talk to
+Redis as its role's user, and never show the password on its command line; it is stopped by pid.
+
+Not covered here: the sandboxing (ProtectSystem=, users, ...), which only a real service manager
+applies; `systemd-analyze verify` checks the unit syntax (tests/unit/ops/test_deploy.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from intercept import acl
+from ops.procs import (
+    free_port,
+    pid_alive,
+    pid_cmdline,
+    sip_options_ping,
+    start_process,
+    stop_pid,
+    wait_until,
+)
+from scoring import config_admin, keys
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "deploy" / "install.py"
+DEBIAN_KAMAILIO = Path("/lib/systemd/system/kamailio.service")
+KAMAILIO = Path("/usr/sbin/kamailio")
+#: PATH of system services (systemd 252 on Debian 12)
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: keys that accumulate over the unit and its drop-ins; an empty assignment clears them
+LIST_KEYS = frozenset({"ExecStart", "ExecStartPre", "ExecStartPost", "ExecStop", "Environment",
+                       "EnvironmentFile", "ReadWritePaths"})
+_BRACED = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_LONE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+Unit = dict[str, dict[str, list[str]]]
+
+
+# --------------------------------------------------------------------------------------------
+# systemd's reading of unit files, env files and command lines (the subset the units use)
+
+
+def parse_unit(*paths: Path) -> Unit:
+    """A unit file and its drop-ins, merged in order: section -> key -> values."""
+    unit: Unit = {}
+    for path in paths:
+        section = ""
+        logical: list[str] = []
+        for raw in path.read_text().splitlines():
+            line = raw.strip()
+            if not logical and (not line or line[0] in "#;"):
+                continue
+            if line.endswith("\\"):  # continuation: backslash-newline becomes a space
+                logical.append(line[:-1])
+                continue
+            logical.append(line)
+            text, logical = " ".join(logical), []
+            if text.startswith("[") and text.endswith("]"):
+                section = text[1:-1]
+                continue
+            key, sep, value = text.partition("=")
+            assert sep, f"{path}: not KEY=VALUE: {text!r}"
+            key, value = key.strip(), value.strip()
+            values = unit.setdefault(section, {}).setdefault(key, [])
+            if key in LIST_KEYS:
+                if value:
+                    values.append(value)
+                else:
+                    values.clear()
+            else:
+                values[:] = [value]
+    return unit
+
+
+def one(unit: Unit, section: str, key: str) -> str:
+    values = unit.get(section, {}).get(key, [])
+    assert len(values) == 1, f"[{section}] {key}= has {len(values)} values: {values}"
+    return values[0]
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """systemd's EnvironmentFile= format: KEY=VALUE lines, # and ; comments, optional quotes."""
+    env: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path}: not KEY=VALUE: {line!r}"
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env
+
+
+def service_env(unit: Unit, runtime_dir: Path) -> dict[str, str]:
+    """The environment systemd gives the service: its own variables, then Environment=, then
+    EnvironmentFile= (a leading '-' makes a file optional; globs allowed), later ones winning."""
+    env = {"PATH": SYSTEMD_PATH, "HOME": "/", "RUNTIME_DIRECTORY": str(runtime_dir)}
+    service = unit["Service"]
+    for assignments in service.get("Environment", []):
+        for word in shlex.split(assignments):
+            key, _, value = word.partition("=")
+            env[key] = value
+    for spec in service.get("EnvironmentFile", []):
+        optional = spec.startswith("-")
+        pattern = spec.removeprefix("-")
+        files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        for name in files:
+            if optional and not Path(name).is_file():
+                continue
+            env.update(read_env_file(Path(name)))
+    return env
+
+
+def exec_argv(unit: Unit, env: Mapping[str, str]) -> list[str]:
+    """ExecStart= as systemd turns it into argv: words (quotes as in the shell), then ``${VAR}``
+    replaced within a word and a word that is exactly ``$VAR`` split at whitespace."""
+    line = one(unit, "Service", "ExecStart")
+    assert line[0] not in "-@:+!", f"ExecStart prefixes are not modelled here: {line!r}"
+    assert "%" not in line and "\\" not in line, f"specifiers/escapes not modelled: {line!r}"
+    argv: list[str] = []
+    for word in shlex.split(line):
+        lone = _LONE.fullmatch(word)
+        if lone:
+            argv.extend(env.get(lone.group(1), "").split())
+            continue
+        word = _BRACED.sub(lambda m: env.get(m.group(1), ""), word)
+        assert "$" not in word, f"unbraced variable inside a word is not expanded: {word!r}"
+        argv.append(word)
+    return argv
+
+
+def fill_env(path: Path, values: Mapping[str, str]) -> None:
+    """Set KEY=VALUE lines of an installed env file, as an operator edits it; every key must
+    already be in it (the example names every variable the unit uses)."""
+    lines = path.read_text().splitlines()
+    missing = set(values)
+    for i, line in enumerate(lines):
+        key = line.partition("=")[0].strip()
+        if key in values and not line.lstrip().startswith("#"):
+            lines[i] = f"{key}={values[key]}"
+            missing.discard(key)
+    assert not missing, f"{path.name} does not name {sorted(missing)}"
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# the deployment under test
+
+
+@dataclass
+class Deployment:
+    root: Path
+    units: Path
+    confdir: Path
+    statedir: Path
+    redis_url: str
+    passwords: dict[str, str]
+
+    def url(self, role: str) -> str:
+        return acl.user_url(self.redis_url, role, self.passwords[role])
+
+    def runtime(self, name: str) -> Path:
+        path = self.root / "run" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def command(self, unit: Unit, runtime: Path) -> tuple[list[str], dict[str, str]]:
+        env = service_env(unit, runtime)
+        return exec_argv(unit, env), env
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, redis_url: str) -> Iterator[Deployment]:
+    """deploy/install.py run as an operator runs it (system python), the state directories that
+    systemd-tmpfiles would create, and the Redis role users on the test's redis-server."""
+    d = Deployment(root=tmp_path, units=tmp_path / "units", confdir=tmp_path / "etc",
+                   statedir=tmp_path / "state", redis_url=redis_url,
+                   passwords=acl.generate_passwords())
+    done = subprocess.run(
+        ["/usr/bin/python3", str(INSTALL), "--prefix", str(REPO), "--confdir", str(d.confdir),
+         "--statedir", str(d.statedir), "--unitdir", str(d.units),
+         "--sysusersdir", str(tmp_path / "sysusers"), "--tmpfilesdir", str(tmp_path / "tmpfiles")],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    for sub in ("media", "stir"):
+        (d.statedir / sub).mkdir(parents=True)
+    admin = redis.Redis.from_url(redis_url)
+    acl.apply_users(admin, d.passwords, keep_other_passwords=True)
+    try:
+        yield d
+    finally:
+        acl.remove_passwords(admin, d.passwords)
+        admin.close()
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _connected_users(redis_url: str) -> set[str]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return {str(c.get("user", "")) for c in client.client_list()}
+    finally:
+        client.close()
+
+
+def _assert_no_secret(pids: Sequence[int], password: str) -> None:
+    for pid in pids:
+        cmdline = " ".join(pid_cmdline(pid) or [])
+        assert password not in cmdline, f"pid {pid} shows the Redis password in its argv"
+
+
+@contextlib.contextmanager
+def running(argv: list[str], env: Mapping[str, str], log: Path,
+            expect: list[str]) -> Iterator[int]:
+    """A Type=exec service: argv started in / with exactly ``env``; stopped by pid."""
+    pid = start_process(argv, log, cwd=Path("/"), env=env)
+    try:
+        yield pid
+    finally:
+        stop_pid(pid, expect)
+
+
+@contextlib.contextmanager
+def answering(d: Deployment, unit_file: str, configure: Callable[[int], None],
+              timeout: float) -> Iterator[tuple[int, int, list[str], Path]]:
+    """Fill the env file for a free port (``configure(port)``), run the unit's command line and
+    wait for 200 to OPTIONS; yields pid, port, argv, runtime dir. A port some other program
+    took since free_port() chose it ("Address already in use") is replaced by another one."""
+    name = unit_file.removesuffix(".service")
+    for attempt in range(3):
+        port = free_port("127.0.0.1", "udp")
+        configure(port)
+        runtime = d.runtime(name)
+        argv, env = d.command(parse_unit(d.units / unit_file), runtime)
+        log = d.root / f"{name}-{attempt}.log"
+        pid = start_process(argv, log, cwd=Path("/"), env=env)
+        try:
+            def settled(p: int = pid, n: int = port) -> bool:
+                return sip_options_ping("127.0.0.1", n, 0.5) == 200 or not pid_alive(p)
+
+            answered = wait_until(settled, timeout)
+            if not pid_alive(pid) and "Address already in use" in _log_tail(log):
+                continue
+            assert answered and pid_alive(pid), (f"no 200 to OPTIONS on 127.0.0.1:{port} within "
+                                                 f"{timeout:.0f}s; log:\n{_log_tail(log)}")
+            yield pid, port, argv, runtime
+            return
+        finally:
+            stop_pid(pid, ["spitwall", str(port)])
+    pytest.fail(f"{name}: three free ports were taken before it could bind them")
+
+
+# --------------------------------------------------------------------------------------------
+# the Python services (Type=exec)
+
+
+def test_media_service_comes_up_as_the_media_role(deployment: Deployment) -> None:
+    d = deployment
+
+    def configure(port: int) -> None:
+        fill_env(d.confdir / "media.env", {
+            "SPITWALL_REDIS": d.url("media"), "SPITWALL_MEDIA_ADDR": "127.0.0.1",
+            "SPITWALL_MEDIA_PORT": str(port), "SPITWALL_MEDIA_RING_MS": "0",
+            "SPITWALL_MEDIA_OPTS": "--max-calls 10"})
+
+    # the first start synthesises the prompts (espeak-ng, sox)
+    with answering(d, "spitwall-media.service", configure, 90.0) as (pid, port, argv, runtime):
+        assert argv[:2] == [str(REPO / ".venv/bin/spitwall"), "media"]
+        assert argv[argv.index("--sip-port") + 1] == str(port)
+        assert argv[-2:] == ["--max-calls", "10"] and "--redis" not in argv
+        _assert_no_secret([pid], d.passwords["media"])
+        assert wait_until(lambda: "spitwall-media" in _connected_users(d.redis_url), 5.0)
+        assert wait_until((runtime / "stats.json").is_file, 5.0), "no stats file in the runtime dir"
+        assert (d.statedir / "media" / "prompts" / "greeting.wav").is_file()
+        assert (d.statedir / "media" / "queue").is_dir()
+        assert pid_alive(pid)
+
+
+def test_deliver_service_comes_up_as_the_deliver_role(deployment: Deployment) -> None:
+    d = deployment
+    proxy = f"127.0.0.1:{free_port('127.0.0.1', 'both')}"
+
+    def configure(port: int) -> None:
+        fill_env(d.confdir / "deliver.env", {
+            "SPITWALL_REDIS": d.url("deliver"), "SPITWALL_DELIVER_ADDR": "127.0.0.1",
+            "SPITWALL_DELIVER_PORT": str(port), "SPITWALL_PROXY": proxy,
+            "SPITWALL_DELIVER_OPTS": ""})
+
+    with answering(d, "spitwall-deliver.service", configure, 30.0) as (pid, port, argv, runtime):
+        assert argv[:2] == [str(REPO / ".venv/bin/spitwall"), "deliver"]
+        assert argv[argv.index("--sip-port") + 1] == str(port)
+        assert argv[argv.index("--proxy") + 1] == proxy and "--redis" not in argv
+        _assert_no_secret([pid], d.passwords["deliver"])
+        assert wait_until(lambda: "spitwall-deliver" in _connected_users(d.redis_url), 5.0)
+        stats = runtime / "stats.json"
+        assert wait_until(stats.is_file, 5.0), "no stats file in the runtime dir"
+        assert isinstance(json.loads(stats.read_text()), dict)
+
+
+def test_stir_fetch_service_runs_the_loop_as_the_ops_role(deployment: Deployment) -> None:
+    d = deployment
+    admin = redis.Redis.from_url(d.redis_url)
+    try:
+        config_admin.set_value(admin, "stir.trust_dir", str(d.statedir / "stir"), user="test")
+        admin.lpush(keys.X5U_MISSES, "https://x5u.not-allowed.example/cert.pem")
+        fill_env(d.confdir / "stir-fetch.env", {
+            "SPITWALL_REDIS": d.url("ops"), "SPITWALL_STIR_OPTS": "--interval 0.2 --timeout 1"})
+        unit = parse_unit(d.units / "spitwall-stir-fetch.service")
+        argv, env = d.command(unit, d.runtime("spitwall-stir-fetch"))
+        assert argv == [str(REPO / ".venv/bin/spitwall"), "stir", "fetch", "--loop",
+                        "--interval", "0.2", "--timeout", "1"]
+        log = d.root / "stir-fetch.log"
+        with running(argv, env, log, ["spitwall", "stir", "fetch"]) as pid:
+            # the queued URL is taken (and refused: its host is not allow-listed)
+            assert wait_until(lambda: admin.llen(keys.X5U_MISSES) == 0 or not pid_alive(pid),
+                              15.0)
+            time.sleep(1.0)
+            assert pid_alive(pid), f"the fetcher exited; log:\n{_log_tail(log)}"
+            assert admin.llen(keys.X5U_MISSES) == 0
+            _assert_no_secret([pid], d.passwords["ops"])
+            assert "spitwall-ops" in _connected_users(d.redis_url)
+        text = log.read_text(errors="replace")
+        assert "not on an allow-listed host" in text and "Traceback" not in text, text
+    finally:
+        admin.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Kamailio: Debian's kamailio.service with our drop-in (Type=forking, PIDFile=)
+
+
+def _kamailio_pids(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker`` (our run directory)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and pid_alive(int(entry.name)):
+            cmdline = pid_cmdline(int(entry.name)) or []
+            if cmdline and "kamailio" in cmdline[0] and marker in " ".join(cmdline):
+                pids.append(int(entry.name))
+    return pids
+
+
+def _send_invite(port: int) -> bytes:
+    """One initial INVITE to the proxy over UDP; returns its first reply (100 Trying or final)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        lport = int(sock.getsockname()[1])
+        call_id = secrets.token_hex(8)
+        msg = (f"INVITE sip:+15551230002@127.0.0.1:{port} SIP/2.0\r\n"
+               f"Via: SIP/2.0/UDP 127.0.0.1:{lport};branch=z9hG4bK{secrets.token_hex(6)};rport\r\n"
+               "Max-Forwards: 70\r\n"
+               f"From: <sip:+15551230001@127.0.0.1>;tag={secrets.token_hex(4)}\r\n"
+               "To: <sip:+15551230002@127.0.0.1>\r\n"
+               f"Call-ID: {call_id}@deploy-test\r\n"
+               "CSeq: 1 INVITE\r\n"
+               f"Contact: <sip:+15551230001@127.0.0.1:{lport}>\r\n"
+               "Content-Length: 0\r\n\r\n")
+        sock.sendto(msg.encode(), ("127.0.0.1", port))
+        sock.settimeout(5.0)
+        return sock.recv(65535)
+
+
+@pytest.mark.skipif(not DEBIAN_KAMAILIO.is_file() or not KAMAILIO.is_file(),
+                    reason="Debian's kamailio package (kamailio.service) is not installed")
+def test_kamailio_with_the_dropin_answers_and_scores_as_the_proxy_role(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    port = free_port("127.0.0.1", "both")
+    fill_env(d.confdir / "proxy.env", {
+        "SPITWALL_REDIS": d.url("proxy"), "SPITWALL_SIP_ADDR": "127.0.0.1",
+        "SPITWALL_SIP_PORT": str(port), "SPITWALL_CHILDREN": "2", "SPITWALL_TCP_CHILDREN": "1",
+        "SPITWALL_LOG_LEVEL": "2",
+        "SPITWALL_NEXT_HOP": f"sip:127.0.0.1:{free_port('127.0.0.1', 'udp')}",
+        "SPITWALL_MEDIA_URI": "", "SPITWALL_DELIVER_URI": "", "SPITWALL_REDIS_TIMEOUT": "0.2"})
+    unit = parse_unit(DEBIAN_KAMAILIO, d.units / "kamailio.service.d" / "spitwall.conf")
+    assert one(unit, "Service", "Type") == "forking"
+    assert one(unit, "Service", "RuntimeDirectory") == "kamailio"
+    pidfile = one(unit, "Service", "PIDFile")
+    runtime = d.runtime("kamailio")  # stands for /run/kamailio
+    argv, env = d.command(unit, runtime)
+    # the pid file Kamailio writes is the PIDFile= systemd reads (with /run/kamailio here)
+    assert pidfile == "/run/kamailio/kamailio.pid"
+    assert argv[argv.index("-P") + 1] == str(runtime / "kamailio.pid")
+    assert argv[argv.index("-f") + 1] == str(REPO / "kamailio.cfg")
+    assert "REDIS_URL=" in argv and not any("redis://" in a or "rediss://" in a for a in argv)
+    assert f'SPITWALL_HANDLER="{REPO}/kemi/handler.py"' in argv
+    assert env["SPITWALL_REDIS"] == d.url("proxy")
+
+    log = d.root / "kamailio.log"
+    with log.open("ab") as out:
+        # Type=forking: systemd waits for the first process to exit, then reads PIDFile=
+        creator = subprocess.Popen(argv, env=env, cwd="/", stdin=subprocess.DEVNULL,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = creator.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        stop_pid(creator.pid, "kamailio")
+        creator.wait(timeout=10)
+        pytest.fail(f"kamailio did not daemonize within 60 s; log:\n{_log_tail(log)}")
+    marker = str(runtime)
+    pid = 0
+    try:
+        assert rc == 0, f"kamailio exited {rc}; log:\n{_log_tail(log)}"
+        pid = int((runtime / "kamailio.pid").read_text().strip())
+        assert pid_alive(pid)
+        # the creator exits only once the workers listen: OPTIONS is answered at once
+        assert sip_options_ping("127.0.0.1", port, 2.0) == 200
+        ctl = runtime / "kamailio_ctl"
+        assert ctl.exists(), "the ctl socket is not in the run dir"
+        if shutil.which("kamcmd"):  # docs/deployment.md's health check
+            uptime = subprocess.run(["kamcmd", "-s", f"unix:{ctl}", "core.uptime"],
+                                    capture_output=True, text=True, timeout=10, check=False)
+            assert uptime.returncode == 0 and "uptime" in uptime.stdout, uptime
+        workers = _kamailio_pids(marker)
+        assert pid in workers and len(workers) > 3
+        _assert_no_secret(workers, d.passwords["proxy"])
+
+        reply = _send_invite(port)
+        assert reply.startswith(b"SIP/2.0 "), reply[:80]
+        assert wait_until(lambda: "spitwall-proxy" in _connected_users(d.redis_url), 10.0)
+        # an operator's health check: `spitwall stats` with the ops user counts the call
+        stats = subprocess.run(
+            [str(REPO / ".venv/bin/spitwall"), "stats", "--json"], capture_output=True,
+            text=True, timeout=30, check=False,
+            env={**os.environ, "SPITWALL_REDIS": d.url("ops")})
+        assert stats.returncode == 0, stats.stderr
+        assert sum(json.loads(stats.stdout).values()) > 0, stats.stdout
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                stop_pid(pid, ["kamailio", marker])
+        left = []
+        if not wait_until(lambda: not _kamailio_pids(marker), 10.0):
+            left = _kamailio_pids(marker)
+            for worker in left:  # each verified by its command line
+                stop_pid(worker, ["kamailio", marker], 5.0)
+        assert not left, f"kamailio processes left after stopping the main pid: {left}"
+
