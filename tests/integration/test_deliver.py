@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,45 +23,18 @@ from intercept import names
 from intercept.deliver import replay
 from intercept.delivery.digest import ha1
 from ops.procs import free_port, sip_options_ping
-from ops.sipp import stop_popen
-from tests.integration.recorder import Recorder, recipient_keypair, synthetic_entry
-from tests.redis_replies import as_fields, bytes_entries
+from tests.integration.deliver_rig import (
+    WorkerFactory,
+    add,
+    pending,
+    redis_client,
+    wait,
+    worker_factory,
+)
+from tests.integration.recorder import Recorder, recipient_keypair
+from tests.redis_replies import bytes_entries
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-#: fast SIP and retry timing for tests: T1 50 ms, Timer F 1 s, back-off 0.2 s .. 1 s
-FAST = ("--sip-t1", "0.05", "--sip-timeout", "1", "--backoff", "0.2", "--backoff-max", "1")
-
-
-@dataclass
-class Worker:
-    proc: subprocess.Popen[bytes]
-    port: int
-    consumer: str
-    stats_file: Path
-    log: Path
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    def stats(self) -> dict[str, Any]:
-        os.kill(self.proc.pid, signal.SIGUSR1)
-        time.sleep(0.1)
-        data: dict[str, Any] = json.loads(self.stats_file.read_text())
-        return data
-
-    def stop(self) -> None:
-        stop_popen(self.proc)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(5)
-
-
-WorkerFactory = Callable[..., Worker]
-
 
 @pytest.fixture(scope="module")
 def recipient() -> tuple[rsa.RSAPrivateKey, bytes]:
@@ -75,9 +43,8 @@ def recipient() -> tuple[rsa.RSAPrivateKey, bytes]:
 
 @pytest.fixture
 def client(redis_url: str) -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(redis_url)
-    yield r
-    r.close()
+    with redis_client(redis_url) as r:
+        yield r
 
 
 @pytest.fixture
@@ -90,56 +57,8 @@ def recorder(recipient: tuple[rsa.RSAPrivateKey, bytes]) -> Iterator[Recorder]:
 
 @pytest.fixture
 def start_worker(redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
-    workers: list[Worker] = []
-
-    def start(*extra: str, port: int | None = None, consumer: str | None = None) -> Worker:
-        port = port or free_port("127.0.0.1", "udp")
-        consumer = consumer or f"test-{len(workers)}"
-        stats = tmp_path / f"worker{len(workers)}.json"
-        log = tmp_path / f"worker{len(workers)}.log"
-        env = dict(os.environ, SPITWALL_REDIS=redis_url)  # the URL stays off argv
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "intercept.deliver", "--sip-port", str(port),
-                 "--consumer", consumer, "--stats-file", str(stats), *FAST, *extra],
-                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        worker = Worker(proc, port, consumer, stats, log)
-        workers.append(worker)
-        deadline = time.monotonic() + 15
-        while sip_options_ping("127.0.0.1", port, 0.3) != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"worker did not start: {log.read_text()[-2000:]}")
-        return worker
-
-    yield start
-    for worker in workers:
-        stop_popen(worker.proc)
-
-
-def add(client: redis.Redis, dest: str, cert: bytes, n: int = 1, liid: str = "CASE-1",
-        kind: str = "call") -> list[str]:
-    ids = []
-    for _ in range(n):
-        eid, fields = synthetic_entry(dest, liid, cert, kind=kind)
-        client.xadd(names.EVENTS, as_fields(fields))
-        ids.append(eid)
-    return ids
-
-
-def pending(client: redis.Redis) -> int:
-    try:
-        return int(client.xpending(names.EVENTS, names.EVENTS_GROUP)["pending"])
-    except redis.ResponseError:
-        return 0
-
-
-def wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    with worker_factory(redis_url, tmp_path) as start:
+        yield start
 
 
 def allow(client: redis.Redis, address: str, **record: Any) -> None:

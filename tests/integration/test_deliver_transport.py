@@ -10,10 +10,8 @@ Every process is started on free loopback ports and stopped by its pid."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -29,10 +27,19 @@ import redis
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from intercept import names
-from ops.procs import free_port, pid_alive, sip_options_ping, start_process, stop_pid
+from ops.procs import free_port, pid_alive, start_process, stop_pid
 from ops.sipp import SipMessage as LoggedMessage
 from ops.sipp import parse_message_log, sipp_binary, stop_popen
-from tests.integration.recorder import Recorder, recipient_keypair, synthetic_entry
+from tests.integration.deliver_rig import (
+    Worker,
+    WorkerFactory,
+    add,
+    pending,
+    redis_client,
+    worker_factory,
+)
+from tests.integration.deliver_rig import wait as rig_wait
+from tests.integration.recorder import Recorder, recipient_keypair
 from tests.tls_certs import TestCa
 
 pytestmark = pytest.mark.integration
@@ -47,48 +54,11 @@ FAST = ("--sip-t1", "0.05", "--sip-timeout", "2", "--backoff", "0.2", "--backoff
 # --------------------------------------------------------------------------- processes
 
 
-@dataclass
-class Worker:
-    proc: subprocess.Popen[bytes]
-    port: int
-    stats_file: Path
-    log: Path
-
-    def stats(self) -> dict[str, Any]:
-        os.kill(self.proc.pid, signal.SIGUSR1)
-        time.sleep(0.1)
-        data: dict[str, Any] = json.loads(self.stats_file.read_text())
-        return data
-
-
-WorkerFactory = Callable[..., Worker]
-
-
 @pytest.fixture
 def start_worker(redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
-    workers: list[Worker] = []
-
-    def start(*extra: str) -> Worker:
-        port = free_port("127.0.0.1", "udp")
-        n = len(workers)
-        stats, log = tmp_path / f"worker{n}.json", tmp_path / f"worker{n}.log"
-        env = dict(os.environ, SPITWALL_REDIS=redis_url)
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "intercept.deliver", "--sip-port", str(port),
-                 "--consumer", f"transport-{n}", "--stats-file", str(stats), *FAST, *extra],
-                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        worker = Worker(proc, port, stats, log)
-        workers.append(worker)
-        deadline = time.monotonic() + 15
-        while sip_options_ping("127.0.0.1", port, 0.3) != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"worker did not start: {log.read_text()[-2000:]}")
-        return worker
-
-    yield start
-    for worker in workers:
-        stop_popen(worker.proc)
+    with worker_factory(redis_url, tmp_path, consumer_prefix="transport-",
+                        defaults=FAST) as start:
+        yield start
 
 
 def _tcp_listening(port: int) -> bool:
@@ -206,35 +176,12 @@ def recipient() -> tuple[rsa.RSAPrivateKey, bytes]:
 
 @pytest.fixture
 def client(redis_url: str) -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(redis_url)
-    yield r
-    r.close()
-
-
-def add(client: redis.Redis, dest: str, cert: bytes, n: int = 1,
-        liid: str = "CASE-1") -> list[str]:
-    ids = []
-    for _ in range(n):
-        eid, fields = synthetic_entry(dest, liid, cert)
-        client.xadd(names.EVENTS, fields)  # type: ignore[arg-type]
-        ids.append(eid)
-    return ids
-
-
-def pending(client: redis.Redis) -> int:
-    try:
-        return int(client.xpending(names.EVENTS, names.EVENTS_GROUP)["pending"])
-    except redis.ResponseError:
-        return 0
+    with redis_client(redis_url) as r:
+        yield r
 
 
 def wait(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    return rig_wait(predicate, timeout)
 
 
 def dead_letters(client: redis.Redis) -> list[dict[str, str]]:
