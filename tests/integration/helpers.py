@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,16 +48,13 @@ class Rig:
 @contextmanager
 def rig(lab_factory: object, children: int = 2) -> Iterator[Rig]:
     """A lab whose next hop is a SIPp UAS on 127.0.0.1 and whose MEDIA_URI is another one."""
-    hop = start_uas("127.0.0.1")
-    am_port = free_udp_port("127.0.0.1")
-    am = start_uas("127.0.0.1", am_port)
-    try:
+    with ExitStack() as stack:  # a UAS that started is stopped even if the next one fails
+        hop = stack.enter_context(start_uas("127.0.0.1"))
+        am_port = free_udp_port("127.0.0.1")
+        am = stack.enter_context(start_uas("127.0.0.1", am_port))
         lab = lab_factory(next_hop=f"sip:127.0.0.1:{hop.port}",  # type: ignore[operator]
                           media_port=am_port, children=children)
         yield Rig(lab, hop, am)
-    finally:
-        hop.close()
-        am.close()
 
 
 def children_of(pid: int) -> set[int]:
