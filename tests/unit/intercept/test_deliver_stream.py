@@ -286,6 +286,12 @@ def _publish(ep: SipEndpoint, dest: str) -> SipMessage:
                          content_disposition="attachment")
 
 
+async def _send_publish(ep: SipEndpoint, dest: str, port: int) -> TxResult:
+    """One PUBLISH to ``dest`` whose host is the test server on 127.0.0.1:``port``."""
+    return await ep.send_request(_publish(ep, dest), NextHop.for_uri(
+        SipUri.parse(dest), ("127.0.0.1", port)))
+
+
 def _run(coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(coro())
 
@@ -330,8 +336,7 @@ def test_publish_over_tcp_no_retransmissions() -> None:
         port = await srv.start()
         ep = await _endpoint()
         dest = f"sip:rec@127.0.0.1:{port};transport=tcp"
-        result = await ep.send_request(_publish(ep, dest), NextHop.for_uri(
-            SipUri.parse(dest), ("127.0.0.1", port)))
+        result = await _send_publish(ep, dest, port)
         ep.close()
         await srv.stop()
         return result, srv, ep
@@ -353,8 +358,7 @@ def test_connections_come_from_the_sip_address() -> None:
         port = await srv.start()
         ep = await _endpoint(host="127.0.0.3")  # the worker's --sip-addr
         dest = f"sip:rec@127.0.0.1:{port};transport=tcp"
-        result = await ep.send_request(_publish(ep, dest), NextHop.for_uri(
-            SipUri.parse(dest), ("127.0.0.1", port)))
+        result = await _send_publish(ep, dest, port)
         ep.close()
         await srv.stop()
         return result, srv, ep
@@ -491,8 +495,7 @@ def test_connection_closed_fails_outstanding_transaction_at_once() -> None:
         ep = await _endpoint(timeout=5.0)
         dest = f"sip:rec@127.0.0.1:{port};transport=tcp"
         started = time.monotonic()
-        result = await ep.send_request(_publish(ep, dest), NextHop.for_uri(
-            SipUri.parse(dest), ("127.0.0.1", port)))
+        result = await _send_publish(ep, dest, port)
         took = time.monotonic() - started
         ep.close()
         await srv.stop()
@@ -509,8 +512,7 @@ def test_answer_without_content_length_closes_the_connection() -> None:
         port = await srv.start()
         ep = await _endpoint(timeout=5.0)
         dest = f"sip:rec@127.0.0.1:{port};transport=tcp"
-        result = await ep.send_request(_publish(ep, dest), NextHop.for_uri(
-            SipUri.parse(dest), ("127.0.0.1", port)))
+        result = await _send_publish(ep, dest, port)
         ep.close()
         await srv.stop()
         return result, ep
@@ -527,8 +529,7 @@ def test_request_on_our_connection_gets_501() -> None:
         port = await srv.start()
         ep = await _endpoint()
         dest = f"sip:rec@127.0.0.1:{port};transport=tcp"
-        result = await ep.send_request(_publish(ep, dest), NextHop.for_uri(
-            SipUri.parse(dest), ("127.0.0.1", port)))
+        result = await _send_publish(ep, dest, port)
         ep.close()
         await srv.stop()
         return result, srv, ep
@@ -546,8 +547,7 @@ def test_no_answer_on_tcp_is_timer_f() -> None:
         ep = await _endpoint(timeout=0.4)
         dest = f"sip:rec@127.0.0.1:{port};transport=tcp"
         started = time.monotonic()
-        result = await ep.send_request(_publish(ep, dest), NextHop.for_uri(
-            SipUri.parse(dest), ("127.0.0.1", port)))
+        result = await _send_publish(ep, dest, port)
         took = time.monotonic() - started
         ep.close()
         await srv.stop()
@@ -589,8 +589,7 @@ def _tls_publish(pki: dict[str, Path], server_name: str, *, client_tls: ssl.SSLC
         host = f"[{server_name}]" if ":" in server_name else server_name
         dest = f"sips:rec@{host}:{port}"
         started = time.monotonic()
-        result = await ep.send_request(_publish(ep, dest), NextHop.for_uri(
-            SipUri.parse(dest), ("127.0.0.1", port)))
+        result = await _send_publish(ep, dest, port)
         took = time.monotonic() - started
         ep.close()
         await srv.stop()
