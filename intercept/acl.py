@@ -64,6 +64,13 @@ CONNECTION = (
 #: redis-py >= 5 also sends CLIENT SETINFO (Redis >= 7.2 only; added when the server has it)
 OPTIONAL_CONNECTION = ("+client|setinfo",)
 TRANSACTION = ("+multi", "+exec", "+discard", "+watch", "+unwatch")
+#: what a Redis Cluster client needs (added only on cluster-enabled servers): the slot map and
+#: node list (addresses and node ids, no key names), the key positions of commands (COMMAND,
+#: redis-py asks once), and the redirect handshakes
+CLUSTER_CLIENT = (
+    "+cluster|slots", "+cluster|shards", "+cluster|nodes", "+cluster|info", "+cluster|myid",
+    "+cluster|keyslot", "+command", "+asking", "+readonly", "+readwrite",
+)  # fmt: skip
 #: commands inside scoring/lua/*.lua (scripts run with the caller's ACL, keys included)
 SCRIPT_INNER = ("+get", "+set", "+del", "+incr", "+expire", "+hmget", "+hset", "+hincrby",
                 "+pfadd", "+pfcount", "+lpush", "+ltrim", "+lrange")
@@ -113,13 +120,16 @@ def user_name(role: str) -> str:
     return USER_PREFIX + role
 
 
-def rules(role: str, *, setinfo: bool = False) -> list[str]:
+def rules(role: str, *, setinfo: bool = False, cluster: bool = False) -> list[str]:
     """The ACL SETUSER rules of ``role`` (without passwords). ``setinfo``: the server knows
-    CLIENT SETINFO (Redis >= 7.2), so allow it (redis-py sends it on connect)."""
+    CLIENT SETINFO (Redis >= 7.2), so allow it (redis-py sends it on connect). ``cluster``:
+    the server is a Redis Cluster node, so allow what cluster clients need."""
     user_name(role)
     out = list(RULES[role])
     if setinfo and role != OPS:  # ops has +@all
         out += OPTIONAL_CONNECTION
+    if cluster:  # after OPS_DENIED's -cluster
+        out += CLUSTER_CLIENT
     return out
 
 
@@ -155,12 +165,14 @@ def apply_users(client: Any, passwords: Mapping[str, str], *,
         raise ValueError(f"Redis {'.'.join(map(str, version))} has no ACL selectors; "
                          "spitwall's roles need Redis >= 7.0")
     setinfo = version >= (7, 2)
+    cluster = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
     done: list[str] = []
     for role, password in passwords.items():
         name = user_name(role)
         head = (["on", f">{password}", "resetkeys", "resetchannels", "clearselectors", "-@all"]
                 if keep_other_passwords else ["reset", "on", f">{password}"])
-        client.execute_command("ACL", "SETUSER", name, *head, *rules(role, setinfo=setinfo))
+        client.execute_command("ACL", "SETUSER", name, *head,
+                               *rules(role, setinfo=setinfo, cluster=cluster))
         done.append(name)
     return done
 
@@ -183,10 +195,12 @@ def user_url(base_url: str, role: str, password: str) -> str:
     """``base_url`` (redis://host:port/db, any credentials dropped) with this role's user."""
     if redisconn.is_sentinel(base_url):
         return redisconn.SentinelUrl.parse(base_url).with_credentials(user_name(role), password)
+    if redisconn.is_cluster(base_url):
+        return redisconn.ClusterUrl.parse(base_url).with_credentials(user_name(role), password)
     parts = urlsplit(base_url)
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError(f"cannot put credentials into {redisconn.redacted(base_url)!r}: "
-                         "not redis://, rediss:// or redis+sentinel://")
+                         "not redis://, rediss://, redis+sentinel:// or redis+cluster://")
     host = parts.hostname or "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"

@@ -734,15 +734,15 @@ def _validate_up(
     if redis_url is not None and redis_port is not None:
         raise LabError("--redis-port starts our own Redis; it cannot be combined with --redis")
     if redis_url is not None:
-        scheme = urlsplit(redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
-            raise LabError("--redis must be a redis://, rediss://, unix:// or redis+sentinel:// "
-                           f"URL, not {redis_url!r}")
-        if scheme == "redis+sentinel":
-            from scoring.redisconn import SentinelUrl
+        from scoring import redisconn
 
+        scheme = urlsplit(redis_url).scheme
+        if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+            raise LabError("--redis must be a redis://, rediss://, unix://, redis+sentinel:// or "
+                           f"redis+cluster:// URL, not {redisconn.redacted(redis_url)!r}")
+        if scheme in ("redis+sentinel", "redis+cluster"):
             try:
-                SentinelUrl.parse(redis_url)
+                redisconn.check_url(redis_url)
             except ValueError as exc:
                 raise LabError(f"--redis: {exc}") from exc
     if next_hop is not None and (
@@ -877,8 +877,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     host = _uri_host(state.sip_addr)
     print(f"lab up in {state.workdir}")
     print(f"  SIP proxy   udp:{host}:{state.sip_port}  tcp:{host}:{state.sip_port}")
+    from scoring import redisconn
+
     redis_owner = f"redis-server pid {state.pids['redis']}" if state.own_redis else "external"
-    print(f"  Redis       {state.redis_url}  ({redis_owner})")
+    print(f"  Redis       {redisconn.redacted(state.redis_url)}  ({redis_owner})")
     if state.users_file:
         print(f"  Redis users {state.users_file}  (role URLs with passwords, mode 0600)")
     print(f"  next hop    {state.next_hop or 'none'}")

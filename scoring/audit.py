@@ -1,6 +1,6 @@
 """Append-only audit trail of operator changes (config, lists): who, when, what, old, new.
 
-Entries go to the Redis stream `spitwall:{audit}:log` inside the same MULTI as the change, so a
+Entries go to the Redis stream `spitwall:{cfg}:audit` inside the same MULTI as the change, so a
 change is never applied without its audit record. The stream is capped (approximate MAXLEN) so it
 stays bounded; export it if you must keep more.
 """

@@ -11,26 +11,35 @@ the delivery worker, the lab) opens Redis through this module, so one URL form w
   [?sentinel_username=U&sentinel_password=P&sentinel_timeout=S]``: the listed sentinels
   (default port 26379) are asked for the current master of ``service``. The credentials are
   those of the data nodes (the master and its replicas), like in ``redis://``; sentinels that
-  need their own are given in the query.
+  need their own are given in the query;
+* ``redis+cluster://[user:password@]host[:port][,host[:port]...][/]``: a Redis Cluster; the
+  listed nodes (default port 6379) are only the seeds from which the slot map is learnt, any one
+  that answers will do. A cluster has only database 0.
 
 redis-py has Sentinel support (`redis.sentinel.Sentinel`) but no URL form for it, so the URL is
 parsed here; connections are redis-py's `SentinelManagedConnection`s, which ask the sentinels
 for the master at every (re)connect and drop the connection when the old master answers
-``READONLY`` after a failover.
+``READONLY`` after a failover. Cluster URLs give redis-py's `RedisCluster` (same command methods
+as `Redis`, routed by key slot) to every process except the Kamailio children, whose store
+routes its own pipelined commands (`scoring.clusterlink`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, quote, unquote
 
 import redis
 import redis.asyncio as aredis
+import redis.asyncio.cluster as acluster
 import redis.asyncio.sentinel as asentinel
+import redis.cluster
 import redis.sentinel
 
+CLUSTER_SCHEME = "redis+cluster"
+CLUSTER_PORT = 6379
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
 _SERVICE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -39,6 +48,82 @@ _QUERY_KEYS = ("sentinel_username", "sentinel_password", "sentinel_timeout")
 
 def is_sentinel(url: str) -> bool:
     return url.split("://", 1)[0].lower() == SENTINEL_SCHEME
+
+
+def is_cluster(url: str) -> bool:
+    return url.split("://", 1)[0].lower() == CLUSTER_SCHEME
+
+
+def _credentials(netloc: str) -> tuple[str, str | None, str | None]:
+    """(rest of netloc, username, password) of ``[user[:password]@]rest``."""
+    username = password = None
+    if "@" in netloc:
+        creds, _, netloc = netloc.rpartition("@")
+        user, colon, pw = creds.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+        if not colon:  # redis://secret@host means a password, not a user
+            username, password = None, unquote(user) or None
+    return netloc, username, password
+
+
+def _netloc(hosts: tuple[tuple[str, int], ...], username: str, password: str) -> str:
+    joined = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in hosts)
+    return f"{quote(username, safe='')}:{quote(password, safe='')}@{joined}"
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """A parsed ``redis+cluster://`` URL: seed nodes and the data nodes' credentials."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterUrl:
+        """Parse; raises ValueError naming the part that is wrong (never echoes a password)."""
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme.lower() != CLUSTER_SCHEME:
+            raise ValueError(f"not a {CLUSTER_SCHEME}:// URL")
+        if "#" in rest:
+            raise ValueError("a Redis URL has no fragment ('#')")
+        if "?" in rest:
+            raise ValueError("a redis+cluster:// URL takes no parameters ('?...')")
+        netloc, _, path = rest.partition("/")
+        if path not in ("", "0"):
+            raise ValueError("a Redis Cluster has only database 0: "
+                             f"{CLUSTER_SCHEME}://host:port[,host:port][/0]")
+        netloc, username, password = _credentials(netloc)
+        nodes = tuple(_host_port(part, CLUSTER_PORT, "cluster node")
+                      for part in netloc.split(","))
+        return cls(nodes, username, password)
+
+    def with_credentials(self, username: str, password: str) -> str:
+        """This URL with other credentials (e.g. a role's ACL user)."""
+        return f"{CLUSTER_SCHEME}://{_netloc(self.nodes, username, password)}/0"
+
+    def _auth(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kw = dict(kwargs)
+        kw.pop("db", None)
+        if self.username:
+            kw.setdefault("username", self.username)
+        if self.password:
+            kw.setdefault("password", self.password)
+        return kw
+
+    def client(self, **kwargs: Any) -> redis.cluster.RedisCluster:
+        nodes = [redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                 for h, p in self.nodes]
+        return redis.cluster.RedisCluster(startup_nodes=nodes, **self._auth(kwargs))
+
+    def async_client(self, **kwargs: Any) -> acluster.RedisCluster:
+        nodes = [acluster.ClusterNode(h, p) for h, p in self.nodes]
+        return acluster.RedisCluster(startup_nodes=nodes, **self._auth(kwargs))
+
+    def node_kwargs(self, **kwargs: Any) -> dict[str, Any]:
+        """Keyword arguments of a `redis.Connection` to one node (credentials included)."""
+        return self._auth(kwargs)
 
 
 @dataclass(frozen=True)
@@ -65,15 +150,9 @@ class SentinelUrl:
         if "#" in rest or "#" in query:
             raise ValueError("a Redis URL has no fragment ('#')")
         netloc, slash, path = rest.partition("/")
-        username = password = None
-        if "@" in netloc:
-            creds, _, netloc = netloc.rpartition("@")
-            user, colon, pw = creds.partition(":")
-            username = unquote(user) or None
-            password = unquote(pw) if colon else None
-            if not colon:  # redis://secret@host means a password, not a user
-                username, password = None, unquote(user) or None
-        sentinels = tuple(_host_port(part) for part in netloc.split(","))
+        netloc, username, password = _credentials(netloc)
+        sentinels = tuple(_host_port(part, SENTINEL_PORT, "sentinel")
+                          for part in netloc.split(","))
         segments = path.split("/") if slash else []
         if not segments or not segments[0]:
             raise ValueError("the sentinel URL needs the master's service name: "
@@ -108,13 +187,12 @@ class SentinelUrl:
 
     def with_credentials(self, username: str, password: str) -> str:
         """This URL with other data-node credentials (e.g. a role's ACL user)."""
-        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
         query = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in (
             ("sentinel_username", self.sentinel_username),
             ("sentinel_password", self.sentinel_password),
             ("sentinel_timeout", self.sentinel_timeout)) if v is not None)
-        creds = f"{quote(username, safe='')}:{quote(password, safe='')}@"
-        return (f"{SENTINEL_SCHEME}://{creds}{hosts}/{self.service}/{self.db}"
+        return (f"{SENTINEL_SCHEME}://{_netloc(self.sentinels, username, password)}"
+                f"/{self.service}/{self.db}"
                 + (f"?{query}" if query else ""))
 
     def _sentinel_kwargs(self, socket_timeout: float | None) -> dict[str, Any]:
@@ -150,29 +228,31 @@ class SentinelUrl:
             **self._data_kwargs(kwargs))
 
 
-def _host_port(part: str) -> tuple[str, int]:
+def _host_port(part: str, default_port: int, what: str) -> tuple[str, int]:
     part = part.strip()
     if not part:
-        raise ValueError("empty sentinel address (host[:port], comma-separated)")
+        raise ValueError(f"empty {what} address (host[:port], comma-separated)")
     if part.startswith("["):
         host, bracket, tail = part[1:].partition("]")
         if not bracket or (tail and not tail.startswith(":")):
-            raise ValueError(f"bad IPv6 sentinel address {part[:60]!r}")
+            raise ValueError(f"bad IPv6 {what} address {part[:60]!r}")
         port_text = tail[1:] if tail else ""
     else:
         host, _, port_text = part.partition(":")
     if not host or any(ch in host for ch in " /@?"):
-        raise ValueError(f"bad sentinel host {part[:60]!r}")
+        raise ValueError(f"bad {what} host {part[:60]!r}")
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"bad sentinel port in {part[:60]!r}")
+            raise ValueError(f"bad {what} port in {part[:60]!r}")
         return host, int(port_text)
-    return host, SENTINEL_PORT
+    return host, default_port
 
 
 def connection_pool(url: str, **kwargs: Any) -> redis.ConnectionPool:
     """A (blocking) connection pool for ``url``; Sentinel URLs give a pool whose connections
-    follow the current master."""
+    follow the current master. A cluster has no single pool: ValueError."""
+    if is_cluster(url):
+        raise ValueError("a redis+cluster:// URL has one pool per node; use client()")
     if is_sentinel(url):
         parsed = SentinelUrl.parse(url)
         return redis.sentinel.SentinelConnectionPool(  # type: ignore[no-untyped-call]
@@ -181,7 +261,13 @@ def connection_pool(url: str, **kwargs: Any) -> redis.ConnectionPool:
 
 
 def client(url: str, **kwargs: Any) -> redis.Redis:
-    """A redis-py client for ``url`` (any form above); ValueError for a malformed URL."""
+    """A redis-py client for ``url`` (any form above); ValueError for a malformed URL.
+
+    For a cluster this is a `RedisCluster`, typed as `Redis` because every caller uses only the
+    command methods the two share (multi-key commands and transactions stay within one hash
+    tag, see `scoring.keys`)."""
+    if is_cluster(url):
+        return cast(redis.Redis, ClusterUrl.parse(url).client(**kwargs))
     if is_sentinel(url):
         parsed = SentinelUrl.parse(url)
         master: redis.Redis = parsed.sentinel(**kwargs).master_for(  # type: ignore[no-untyped-call]
@@ -191,7 +277,9 @@ def client(url: str, **kwargs: Any) -> redis.Redis:
 
 
 def async_client(url: str, **kwargs: Any) -> aredis.Redis:
-    """The asyncio client for ``url`` (any form above)."""
+    """The asyncio client for ``url`` (any form above); a `RedisCluster` for a cluster."""
+    if is_cluster(url):
+        return cast(aredis.Redis, ClusterUrl.parse(url).async_client(**kwargs))
     if is_sentinel(url):
         parsed = SentinelUrl.parse(url)
         master: aredis.Redis = parsed.async_sentinel(**kwargs).master_for(
@@ -208,8 +296,19 @@ def redacted(url: str) -> str:
 
 def node_clients(url: str, **kwargs: Any) -> list[redis.Redis]:
     """Clients for every data node behind ``url``: the master, and with Sentinel also its
-    known replicas. For state that Redis does not replicate (ACL users): a replica promoted by
-    a failover must already have it."""
+    known replicas, with a cluster every master and replica. For state that Redis does not
+    replicate (ACL users): a replica promoted by a failover must already have it."""
+    if is_cluster(url):
+        seeds = ClusterUrl.parse(url)
+        cluster = seeds.client(**kwargs)
+        try:  # CLUSTER NODES: CLUSTER SLOTS omits replicas until they have synced
+            nodes: dict[str, dict[str, Any]] = cluster.cluster_nodes()
+            found = [(addr.rpartition(":")[0].strip("[]"), int(addr.rpartition(":")[2]))
+                     for addr, info in nodes.items()
+                     if not {"fail", "handshake", "noaddr"} & set(info["flags"].split(","))]
+        finally:
+            cluster.close()
+        return [redis.Redis(host=h, port=p, **seeds.node_kwargs(**kwargs)) for h, p in found]
     clients = [client(url, **kwargs)]
     if is_sentinel(url):
         parsed = SentinelUrl.parse(url)
@@ -224,6 +323,8 @@ def check_url(url: str) -> str:
     """``url`` if it is a Redis URL this module can open; ValueError saying what is wrong."""
     if is_sentinel(url):
         SentinelUrl.parse(url)
+    elif is_cluster(url):
+        ClusterUrl.parse(url)
     else:
         redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
     return url

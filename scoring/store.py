@@ -2,10 +2,13 @@
 
 Per INVITE the store pipelines, on one connection: the `observe.lua` script for the source
 IP, the caller and the callee (one call per entity, each touching only keys of one hash tag, so
-the same code is valid on Redis Cluster), and an MGET of the config and lists versions. Writes
+the same code is valid on Redis Cluster), an MGET of the config and lists versions and a SET of
+the callee's last caller (for in-call spam reports). Writes
 whose result the call does not wait for (the decision record, scanner sightings, counters) are
 sent without reading the reply; the replies are drained before the next request on the same
-connection, so they add no latency.
+connection, so they add no latency. On a Redis Cluster (``redis+cluster://``) the same commands
+are routed per slot by `scoring.clusterlink.ClusterLink`: one write per master involved, all
+sent before any reply is read, so the latency is still one round trip.
 
 We drive a single `redis.Connection` rather than `Pipeline` because redis-py's pipeline sends
 `SCRIPT EXISTS` before every execute that has scripts (a second round trip) and cannot leave a
@@ -29,6 +32,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from lists.matcher import ListSnapshot
 from lists.store import load_lists
 from scoring import keys, redisconn
+from scoring.clusterlink import ClusterLink
 from scoring.config import Config
 from scoring.model import Action, CallAttempt, Decision, Signals
 from scoring.reputation import caller_rep_key, ip_rep_key, update_command
@@ -65,9 +69,20 @@ class Store:
 
     def __init__(self, url: str, *, timeout: float = 0.2, retry_after: float = 1.0) -> None:
         self.url = url
-        self.pool = redisconn.connection_pool(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self.redacted_url = redisconn.redacted(url)  # for logs: never a password
+        self.timeout = timeout
+        #: Redis Cluster: commands are routed per slot by `ClusterLink` (None: one server)
+        self.cluster: ClusterLink | None = None
+        self.pool: redis.ConnectionPool | None = None
+        if redisconn.is_cluster(url):
+            self.cluster = ClusterLink(redisconn.ClusterUrl.parse(url),
+                                       [s.source for s in SCRIPTS], socket_timeout=timeout,
+                                       socket_connect_timeout=timeout)
+        else:
+            self.pool = redisconn.connection_pool(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        self._client: redis.Redis | None = None
         self.retry_after = retry_after
         self._conn: Any = None
         self._pending = 0
@@ -84,6 +99,7 @@ class Store:
             return self._conn
         if time.monotonic() < self._down_until:
             raise RedisUnavailable("redis marked down")
+        assert self.pool is not None
         conn = self.pool.make_connection()
         try:
             conn.connect()  # type: ignore[no-untyped-call]
@@ -99,7 +115,7 @@ class Store:
 
     def _mark_down(self, exc: BaseException) -> None:
         self.errors += 1
-        log.warning("redis %s unavailable (%s); failing open for %.1fs", self.url, exc,
+        log.warning("redis %s unavailable (%s); failing open for %.1fs", self.redacted_url, exc,
                     self.retry_after)
         if self._conn is not None:
             try:
@@ -108,12 +124,28 @@ class Store:
                 log.debug("disconnect failed: %r", close_exc)
         self._conn = None
         self._pending = 0
+        if self.cluster is not None:
+            self.cluster.close()
         self._down_until = time.monotonic() + self.retry_after
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.disconnect()
             self._conn = None
+        if self.cluster is not None:
+            self.cluster.close()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _cluster_call(self, send: Any, commands: Sequence[Sequence[Any]]) -> Any:
+        if time.monotonic() < self._down_until:
+            raise RedisUnavailable("redis marked down")
+        try:
+            return send(commands, pack)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._mark_down(exc)
+            raise RedisUnavailable(str(exc)) from exc
 
     def _drain(self, conn: Any) -> None:
         while self._pending:
@@ -125,11 +157,14 @@ class Store:
 
     def _roundtrip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send commands in one write and read their replies; errors come back as values."""
+        if self.cluster is not None:
+            replies: list[Any] = self._cluster_call(self.cluster.roundtrip, commands)
+            return replies
         try:
             conn = self._connection()
             self._drain(conn)
             conn.send_packed_command([pack(commands)])
-            replies: list[Any] = []
+            replies = []
             for _ in commands:
                 try:
                     replies.append(conn.read_response())
@@ -142,6 +177,9 @@ class Store:
 
     def _defer(self, commands: Sequence[Sequence[Any]]) -> None:
         """Send commands without waiting for their replies (read before the next request)."""
+        if self.cluster is not None:
+            self._cluster_call(self.cluster.defer, commands)
+            return
         try:
             conn = self._connection()
             conn.send_packed_command([pack(commands)])
@@ -171,13 +209,14 @@ class Store:
         per_caller = ["EVALSHA", OBSERVE.sha, str(2 * n + 1),
                       *keys.rate_keys(caller_base, windows, t), f"{caller_base}:rep",
                       "caller", *head]
-        last = f"{caller}|{attempt.source_ip}"[:300] if attempt.ruri_user else ""
-        per_callee = ["EVALSHA", OBSERVE.sha, str(2 * n + 1),
-                      *keys.rate_keys(callee_base, windows, t), last_caller_key(attempt.ruri_user),
-                      "callee", *head, last, str(LAST_CALLER_TTL)]
+        per_callee = ["EVALSHA", OBSERVE.sha, str(2 * n),
+                      *keys.rate_keys(callee_base, windows, t), "callee", *head]
         versions = ["MGET", keys.CONFIG_VERSION, keys.LISTS_VERSION]
         commands = [source, per_caller, per_callee, versions]
         commands += [["GET", k] for k in self.watch_keys]
+        if attempt.ruri_user:  # who called last, for the callee's in-call spam report
+            commands.append(["SET", last_caller_key(attempt.ruri_user),
+                             f"{caller}|{attempt.source_ip}"[:300], "EX", str(LAST_CALLER_TTL)])
         if attempt.pass_token:  # single use: the first INVITE with this token claims it
             claim = hashlib.sha1(attempt.pass_token.encode("utf-8", "replace")).hexdigest()
             ttl = str(int(cfg["media.token_ttl"]) + 5)
@@ -195,6 +234,7 @@ class Store:
         cfg_v, lists_v = replies[3]
         nw = len(self.watch_keys)
         watched = tuple(None if r is None else _s(r) for r in replies[4:4 + nw])
+        pass_reply = 4 + nw + (1 if attempt.ruri_user else 0)
         return Signals(
             ip_rate={w: float(src[i]) for i, w in enumerate(windows)},
             caller_rate={w: float(cal[i]) for i, w in enumerate(windows)},
@@ -205,7 +245,7 @@ class Store:
             recent_callees=tuple(src[n + 5:]),
             reputation_caller=_f(cal[n]), reputation_caller_t=_f(cal[n + 1]),
             config_version=int(cfg_v or 0), lists_version=int(lists_v or 0),
-            pass_first_use=len(replies) > 4 + nw and replies[4 + nw] is not None,
+            pass_first_use=len(replies) > pass_reply and replies[pass_reply] is not None,
             watched=watched,
         )
 
@@ -302,12 +342,25 @@ class Store:
             log.error("config: %s", err)
         return cfg
 
+    def client(self) -> redis.Redis:
+        """A redis-py client on the same server(s), for rare multi-step reads."""
+        if self._client is None:
+            if self.pool is not None:
+                self._client = redis.Redis(connection_pool=self.pool)
+            else:
+                self._client = redisconn.client(self.url, socket_timeout=self.timeout,
+                                                socket_connect_timeout=self.timeout)
+        return self._client
+
     def fetch_lists(self) -> ListSnapshot:
-        client = redis.Redis(connection_pool=self.pool)
         try:
+            client = self.client()
             version = int(client.get(keys.LISTS_VERSION) or 0)
             return ListSnapshot(load_lists(client), version)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            if self._client is not None and self.cluster is not None:
+                self._client.close()  # a RedisCluster keeps its own topology: start afresh
+                self._client = None
             self._mark_down(exc)
             raise RedisUnavailable(str(exc)) from exc
 

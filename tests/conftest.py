@@ -6,6 +6,8 @@ stopped by pid at teardown, so tests never touch a system Redis or Kamailio (no 
 * ``redis_server`` (session): one redis-server for the whole run; ``.stop()``/``.start()`` let a
   test take it down (fail-open) and bring it back on the same port.
 * ``redis_url`` (function): that server, restarted if a test stopped it, after FLUSHALL.
+* ``redis_cluster`` (session): a Redis Cluster of three masters (no replicas) for the whole run;
+  ``redis_cluster_url`` (function): its ``redis+cluster://`` URL after FLUSHALL on every master.
 * ``lab_factory`` (function): ``lab_factory(next_hop=..., media_port=..., children=...)`` starts a
   Lab in tmp_path that uses the session Redis; every lab it made is brought down at teardown.
 * ``lab`` (function): ``lab_factory()`` with defaults; parametrize it indirectly with a dict of
@@ -26,6 +28,7 @@ import pytest
 
 from ops.lab import DEFAULT_KAMAILIO_CFG, Lab, LabError, start_redis_server
 from ops.procs import free_port, pid_alive, redis_ping, stop_pid
+from tests.redis_cluster import ClusterSet
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -90,6 +93,25 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     _flushall(redis_server.host, redis_server.port)
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSet]:
+    cluster = ClusterSet(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: ClusterSet) -> str:
+    if len(redis_cluster.running()) != redis_cluster.masters or not redis_cluster.healthy():
+        pytest.fail("the session's Redis Cluster lost a node (a test must use its own cluster "
+                    "to kill nodes)")
+    redis_cluster.flushall()
+    return redis_cluster.url
 
 
 LabFactory = Callable[..., Lab]

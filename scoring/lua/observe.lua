@@ -12,8 +12,8 @@
 --                returns rates.., distinct_callers, distinct_callees, scanner_hits,
 --                        rep_score, rep_time, recent callees.. (newest first)
 -- mode 'caller': KEYS += rep;      returns rates.., rep_score, rep_time
--- mode 'callee': KEYS += last;     ARGV += last_value, last_ttl (remember who called last,
---                                  for in-call spam reports); returns rates..
+-- mode 'callee': returns rates.. (who called last, for in-call spam reports, is a plain SET
+--                in the same write: its key is named by the callee's user alone, another slot)
 -- All values are returned as strings.
 
 local mode = ARGV[1]
@@ -71,8 +71,5 @@ if mode == 'ip' then
   for j = 1, #items do out[#out + 1] = items[j] end
 elseif mode == 'caller' then
   reputation(KEYS[k + 1])
-elseif mode == 'callee' then
-  local last, value, ttl = KEYS[k + 1], ARGV[a + 1], tonumber(ARGV[a + 2])
-  if value ~= '' then redis.call('SET', last, value, 'EX', ttl) end
 end
 return out

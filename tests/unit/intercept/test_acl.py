@@ -25,6 +25,7 @@ from ops import cli
 from scoring import config_admin, keys, reputation
 from scoring.model import Action, Contribution, Decision
 from scoring.store import Store
+from tests.redis_cluster import ClusterSet
 from tests.redis_replies import as_fields, bytes_entries
 from tests.unit.intercept.test_provision import make_cert
 from tests.unit.scoring.support import attempt
@@ -89,7 +90,7 @@ def _noperm(fn: Callable[[], Any]) -> str:
 # -- the glob patterns ---------------------------------------------------------------------
 @pytest.mark.parametrize("key", [
     "spitwall:{cfg}:config", "spitwall:{ip:192.0.2.1}:inv:10:1", "spitwall:{queue}:spam",
-    "spitwall:{audit}:log", "spitwall:la", "spitwall:l", "spitwall:li", "spitwall:lix:1",
+    "spitwall:{cfg}:audit", "spitwall:la", "spitwall:l", "spitwall:li", "spitwall:lix:1",
     "spitwall:li{x}:1", "spitwall:", "spitwall:L", "spitwall:Li:x",
 ])
 def test_ops_patterns_allow_every_non_li_key(admin: redis.Redis, passwords: dict[str, str],
@@ -401,3 +402,34 @@ def test_user_url_and_errors() -> None:
     with pytest.raises(ValueError, match="password"):
         acl.apply_users(None, {acl.OPS: "has space"})
     assert "spitwall-ops: " in acl.describe()
+
+
+def test_user_url_on_a_cluster() -> None:
+    assert acl.user_url("redis+cluster://old:pw@10.0.0.1:7000,[::1]", acl.PROXY, "ab") == \
+        "redis+cluster://spitwall-proxy:ab@10.0.0.1:7000,[::1]:6379/0"
+
+
+def test_cluster_discovery_is_allowed_only_on_cluster_nodes(
+        admin: redis.Redis, redis_cluster: ClusterSet, passwords: dict[str, str]) -> None:
+    """Every role may learn the slot map on a cluster node (its client needs it), and only
+    there: on a plain server CLUSTER stays denied."""
+    node = redis.Redis(port=redis_cluster.ports[0], socket_timeout=5)
+    acl.apply_users(node, passwords)
+    acl.apply_users(admin, passwords)
+    try:
+        for role in acl.ROLES:
+            on_cluster = redis.Redis(port=redis_cluster.ports[0], username=acl.user_name(role),
+                                     password=passwords[role], socket_timeout=5)
+            assert on_cluster.execute_command("CLUSTER", "SLOTS"), role
+            assert on_cluster.execute_command("CLUSTER", "KEYSLOT", "spitwall:{cfg}:x")
+            on_cluster.close()
+            kw = admin.connection_pool.connection_kwargs
+            plain = redis.Redis(host=kw["host"], port=kw["port"], username=acl.user_name(role),
+                                password=passwords[role], socket_timeout=5)
+            with pytest.raises(NoPermissionError):
+                plain.execute_command("CLUSTER", "SLOTS")
+            plain.close()
+    finally:
+        for name in map(acl.user_name, acl.ROLES):
+            node.execute_command("ACL", "DELUSER", name)
+        node.close()

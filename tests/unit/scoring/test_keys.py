@@ -91,7 +91,7 @@ def test_contract_key_names() -> None:
     assert keys.CONFIG_VERSION == "spitwall:{cfg}:version"
     assert keys.LISTS_VERSION == "spitwall:{cfg}:lists_version"
     assert keys.list_key("allow") == "spitwall:{cfg}:list:allow"
-    assert keys.AUDIT == "spitwall:{audit}:log"
+    assert keys.AUDIT == "spitwall:{cfg}:audit"
     assert keys.scan_key("203.0.113.7") == "spitwall:{ip:203.0.113.7}:scan"
     assert keys.decision_buckets() == [f"spitwall:{{dec}}:b{i}"
                                        for i in range(keys.DECISION_BUCKETS)]

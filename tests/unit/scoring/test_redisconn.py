@@ -6,7 +6,8 @@ import pytest
 import redis
 
 from scoring import redisconn
-from scoring.redisconn import SentinelUrl
+from scoring.redisconn import ClusterUrl, SentinelUrl
+from tests.redis_cluster import ClusterSet
 
 
 def test_full_sentinel_url_is_parsed() -> None:
@@ -86,3 +87,63 @@ def test_sentinel_pool_asks_the_sentinels_lazily() -> None:
     conn = pool.make_connection()
     with pytest.raises(redis.ConnectionError):
         conn.connect()  # type: ignore[no-untyped-call]
+
+
+# ---------------------------------------------------------------------------------------------
+# redis+cluster://
+
+
+def test_cluster_url_is_parsed() -> None:
+    u = ClusterUrl.parse("redis+cluster://proxy:s%40cret@10.0.0.1:7000,[::1],node-c:7002/0")
+    assert u.nodes == (("10.0.0.1", 7000), ("::1", 6379), ("node-c", 7002))
+    assert (u.username, u.password) == ("proxy", "s@cret")
+    assert ClusterUrl.parse("REDIS+CLUSTER://pw@h") == ClusterUrl((("h", 6379),), None, "pw")
+    assert redisconn.is_cluster("redis+cluster://h") and not redisconn.is_cluster("redis://h")
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("redis://h/0", "not a redis+cluster:// URL"),
+    ("redis+cluster://h:7000/1", "only database 0"),
+    ("redis+cluster://h:7000/0/x", "only database 0"),
+    ("redis+cluster://h:0", "bad cluster node port"),
+    ("redis+cluster://h:x", "bad cluster node port"),
+    ("redis+cluster://h,,i", "empty cluster node address"),
+    ("redis+cluster://[::1", "bad IPv6 cluster node"),
+    ("redis+cluster://h?timeout=1", "takes no parameters"),
+    ("redis+cluster://h#x", "fragment"),
+])
+def test_malformed_cluster_urls_are_refused_precisely(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        ClusterUrl.parse(url)
+    if redisconn.is_cluster(url):
+        with pytest.raises(ValueError):
+            redisconn.check_url(url)
+
+
+def test_cluster_credentials_round_trip_and_redaction() -> None:
+    u = ClusterUrl.parse("redis+cluster://a:b@h1:1,[::1]:2")
+    url = u.with_credentials("spitwall-ops", "n:e/w@")
+    assert ClusterUrl.parse(url) == ClusterUrl(u.nodes, "spitwall-ops", "n:e/w@")
+    assert "n:e/w@" not in redisconn.redacted(url) and "n%3Ae%2Fw%40" not in \
+        redisconn.redacted(url)
+    with pytest.raises(ValueError, match="one pool per node"):
+        redisconn.connection_pool(url)
+
+
+def test_cluster_clients_find_every_node(redis_cluster: ClusterSet) -> None:
+    url = redis_cluster.url  # its first seed is dead: the next one is asked
+    c = redisconn.client(url, socket_timeout=2)
+    try:
+        for i in range(20):  # routed by slot: lands on several masters
+            c.set(f"spitwall:{{ip:192.0.2.{i}}}:probe", i)
+        assert [int(c.get(f"spitwall:{{ip:192.0.2.{i}}}:probe") or -1)
+                for i in range(20)] == list(range(20))
+    finally:
+        c.close()
+    nodes = redisconn.node_clients(url, socket_timeout=2)
+    assert sorted(n.connection_pool.connection_kwargs["port"] for n in nodes) == \
+        sorted(redis_cluster.ports)
+    holding = [n for n in nodes if n.keys("spitwall:{ip:*:probe")]
+    assert len(holding) >= 2
+    for n in nodes:
+        n.close()

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import redis
 
-from scoring import keys
+from scoring import keys, redisconn
 from scoring.config import Config
 from scoring.model import Action, CallAttempt, Contribution, Decision
 from scoring.store import (
@@ -34,15 +34,38 @@ NOW = 1_800_000_000.0
 assert NOW % 300 == 0
 
 
+@pytest.fixture(params=["single", "cluster"])
+def url(request: pytest.FixtureRequest) -> str:
+    """Every store test runs on one redis-server and on a three-master Redis Cluster."""
+    name = "redis_url" if request.param == "single" else "redis_cluster_url"
+    value: str = request.getfixturevalue(name)
+    return value
+
+
 @pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
+def r(url: str) -> Iterator[redis.Redis]:
+    client = redisconn.client(url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[Store]:
+    s = Store(url, timeout=2.0)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def r1(redis_url: str) -> Iterator[redis.Redis]:
+    """One redis-server only: for tests that read its INFO or MONITOR stream."""
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
 
 
 @pytest.fixture
-def store(redis_url: str) -> Iterator[Store]:
+def store1(redis_url: str) -> Iterator[Store]:
     s = Store(redis_url, timeout=2.0)
     yield s
     s.close()
@@ -219,7 +242,8 @@ def _lua_commands(path: str) -> set[str]:
     return {m.lower() for m in re.findall(r"redis\.call\('(\w+)'", text)}
 
 
-def test_observe_is_three_evalsha_and_one_mget(store: Store, r: redis.Redis) -> None:
+def test_observe_is_three_evalsha_one_mget_one_set(store1: Store, r1: redis.Redis) -> None:
+    store, r = store1, r1
     cfg = Config.defaults()
     store.observe(attempt(), cfg, now=NOW)  # warm-up: connect and SCRIPT LOAD
     r.ping()
@@ -230,6 +254,7 @@ def test_observe_is_three_evalsha_and_one_mget(store: Store, r: redis.Redis) -> 
     delta.pop("info", None)
     assert delta.pop("evalsha") == 3
     assert delta.pop("mget") == 1
+    assert delta.pop("set") == 1  # the callee's last caller
     # whatever is left was run by the scripts themselves, never by the client
     assert set(delta) <= _lua_commands("observe.lua"), delta
     assert "script|load" not in delta and "script|exists" not in delta
@@ -242,9 +267,9 @@ def _monitor(host: str, port: int) -> socket.socket:
     return sock
 
 
-def test_observe_sends_exactly_four_commands(store: Store, r: redis.Redis,
-                                             redis_url: str) -> None:
+def test_observe_sends_exactly_five_commands(store1: Store, r1: redis.Redis) -> None:
     """MONITOR tells the client's commands from the scripts' ones ('[0 lua]')."""
+    store, r = store1, r1
     cfg = Config.defaults()
     store.observe(attempt(), cfg, now=NOW)
     store.record(attempt(), Decision(Action.RELAY, 0.0), now=NOW)
@@ -272,7 +297,7 @@ def test_observe_sends_exactly_four_commands(store: Store, r: redis.Redis,
         elif m and m.group(1) == "lua":
             script_cmds += 1
     assert script_cmds > 10  # the stream was read: the scripts' own commands are in it
-    assert client_cmds == ["evalsha", "evalsha", "evalsha", "mget"]
+    assert client_cmds == ["evalsha", "evalsha", "evalsha", "mget", "set"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +372,7 @@ def test_script_sha_matches_source() -> None:
 def test_dead_redis_raises_fast_and_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(dead_redis_url(), timeout=0.2, retry_after=0.3)
     made: list[int] = []
+    assert store.pool is not None
     real = store.pool.make_connection
 
     def counting() -> object:
@@ -397,7 +423,10 @@ def test_noscript_after_script_flush_recovers(store: Store, r: redis.Redis) -> N
     assert r.script_exists(OBSERVE.sha) == [False]
     sig = store.observe(attempt(), cfg, now=NOW)
     assert sig.ip_rate[10] == 2.0  # counted once per observe, not twice
-    assert r.script_exists(OBSERVE.sha, RECORD.sha) == [True, True]
+    if store.cluster is None:
+        assert r.script_exists(OBSERVE.sha, RECORD.sha) == [True, True]
+    else:  # reloaded only on the masters that answered NOSCRIPT (SCRIPT EXISTS needs all)
+        assert store.cluster.redirects == 1
     store.record(attempt(call_id="after-flush"), _decision(), now=NOW)
     _sync(store)
     assert find_decision(r, "after-flush") is not None

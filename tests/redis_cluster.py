@@ -1,0 +1,143 @@
+"""A real Redis Cluster on loopback for tests: N masters (and optional replicas) we start and stop.
+
+redis-server processes with ``cluster-enabled yes`` on free ports, joined and given their
+slots by ``redis-cli --cluster create`` (the tool operators use), stopped by pid at the end.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from ops.lab import REDIS_EXPECT, redis_argv
+from ops.procs import free_port, pid_alive, redis_ping, start_process, stop_pid, wait_until
+
+
+def cluster_port() -> int:
+    """A free TCP port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(500):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", random.randrange(20000, 55535)))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+@dataclass
+class ClusterSet:
+    """``masters`` masters with ``replicas`` replicas each, cluster-node-timeout ``timeout_ms``."""
+
+    workdir: Path
+    masters: int = 3
+    replicas: int = 0
+    timeout_ms: int = 1000
+    ports: list[int] = field(default_factory=list)
+    pids: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        # the first seed has nobody listening: discovery must go on to the next one
+        dead = free_port("127.0.0.1", "tcp")
+        return f"redis+cluster://127.0.0.1:{dead},127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> None:
+        for _ in range(self.masters * (1 + self.replicas)):
+            port = cluster_port()
+            self.ports.append(port)
+            self.start_node(port)
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *[f"127.0.0.1:{p}" for p in self.ports],
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        assert wait_until(self.healthy, 30), "cluster did not reach cluster_state:ok"
+
+    def start_node(self, port: int) -> None:
+        wd = self.workdir / str(port)
+        wd.mkdir(parents=True, exist_ok=True)
+        argv = [*redis_argv(wd, port), "--cluster-enabled", "yes",
+                "--cluster-config-file", str(wd / "nodes.conf"),
+                "--cluster-node-timeout", str(self.timeout_ms)]
+        self.pids[port] = start_process(argv, wd / "out.log", cwd=wd)
+        assert wait_until(lambda: redis_ping("127.0.0.1", port, 0.5), 10), f"{port} not up"
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=2)
+
+    def healthy(self) -> bool:
+        """Every running node says cluster_state:ok and knows every running node."""
+        running = [p for p in self.ports if p in self.pids]
+        try:
+            for p in running:
+                info = self.node(p).execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if "cluster_state:ok" not in text:
+                    return False
+                repl = self.node(p).info("replication")
+                if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
+                    return False
+        except redis.RedisError:
+            return False
+        return True
+
+    def master_of(self, key: str) -> int:
+        """Port of the master that serves ``key``'s slot now."""
+        slot = int(self.node(self.running()[0]).execute_command("CLUSTER", "KEYSLOT", key))
+        for start, end, primary, *_ in self.node(self.running()[0]).execute_command(
+                "CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                return int(primary[1])
+        raise AssertionError(f"no node serves slot {slot}")
+
+    def node_id(self, port: int) -> str:
+        raw = self.node(port).execute_command("CLUSTER", "MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def move_slot(self, key: str, dst: int, *, finish: bool = True) -> int:
+        """Migrate ``key``'s slot (and its keys) to the master on port ``dst``, the way
+        ``redis-cli --cluster reshard`` does; with ``finish=False`` the slot is left half-way
+        (MIGRATING on the source, IMPORTING on ``dst``, keys not moved). Returns the slot."""
+        src = self.master_of(key)
+        assert src != dst, "already there"
+        slot = int(self.node(src).execute_command("CLUSTER", "KEYSLOT", key))
+        self.node(dst).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(src))
+        self.node(src).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(dst))
+        if not finish:
+            return slot
+        while names := self.node(src).execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            self.node(src).execute_command("MIGRATE", "127.0.0.1", dst, "", 0, 5000,
+                                           "KEYS", *names)
+        for port in self.running():
+            repl = self.node(port).info("replication")
+            if repl.get("role") == "master":
+                self.node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE",
+                                                self.node_id(dst))
+        return slot
+
+    def running(self) -> list[int]:
+        return [p for p in self.ports if p in self.pids]
+
+    def kill(self, port: int) -> None:
+        stop_pid(self.pids.pop(port), REDIS_EXPECT)
+
+    def stop(self) -> None:
+        for port in list(self.pids):
+            pid = self.pids.pop(port)
+            if pid_alive(pid):
+                stop_pid(pid, REDIS_EXPECT)
+
+    def flushall(self) -> None:
+        for port in self.running():
+            self.node(port).execute_command("FLUSHALL")
