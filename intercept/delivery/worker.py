@@ -343,6 +343,10 @@ class DeliveryWorker:
         self._flush_lock = asyncio.Lock()
         self._room = asyncio.Event()
         self._room.set()
+        #: set once the consumer group exists: the claimer waits for it (its XAUTOCLAIM could
+        #: otherwise overtake the reader's XGROUP CREATE on another connection -- seen on a
+        #: Redis Cluster -- and fail with NOGROUP)
+        self._group_ready = asyncio.Event()
         self.subs: dict[str, Subscription] = {}
         self._by_dialog: dict[tuple[str, str], str] = {}
         #: accepted, first NOTIFY not answered yet: events wait (the first NOTIFY comes first)
@@ -447,9 +451,11 @@ class DeliveryWorker:
             try:
                 await self.redis.xgroup_create(names.EVENTS, names.EVENTS_GROUP, id="0",
                                                mkstream=True)
+                self._group_ready.set()
                 return
             except redis.ResponseError as exc:
                 if "BUSYGROUP" in str(exc):
+                    self._group_ready.set()
                     return
                 self._redis_down("XGROUP CREATE", exc)
             except (redis.RedisError, OSError) as exc:
@@ -548,6 +554,7 @@ class DeliveryWorker:
 
     async def _claimer(self) -> None:
         interval = max(0.2, min(self.s.claim_idle / 3.0, 10.0))
+        await self._group_ready.wait()  # the reader creates it first
         while True:
             try:
                 await self._autoclaim()
