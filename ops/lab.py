@@ -737,10 +737,12 @@ def _validate_up(
         from scoring import redisconn
 
         scheme = urlsplit(redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
-            raise LabError("--redis must be a redis://, rediss://, unix://, redis+sentinel:// or "
-                           f"redis+cluster:// URL, not {redisconn.redacted(redis_url)!r}")
-        if scheme in ("redis+sentinel", "redis+cluster"):
+        special = ("redis+sentinel", *redisconn.CLUSTER_SCHEMES)
+        if scheme not in ("redis", "rediss", "unix", *special):
+            raise LabError("--redis must be a redis://, rediss://, unix://, redis+sentinel://, "
+                           "redis+cluster:// or rediss+cluster:// URL, not "
+                           f"{redisconn.redacted(redis_url)!r}")
+        if scheme in special:
             try:
                 redisconn.check_url(redis_url)
             except ValueError as exc:

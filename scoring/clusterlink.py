@@ -114,8 +114,7 @@ class ClusterLink:
 
     # -- connections -------------------------------------------------------------------
     def _new_connection(self, addr: tuple[str, int]) -> Any:
-        return redis.Connection(host=addr[0], port=addr[1],  # type: ignore[no-untyped-call]
-                                **self.conn_kwargs)
+        return self.url.connection_class()(host=addr[0], port=addr[1], **self.conn_kwargs)
 
     def _conn(self, addr: tuple[str, int]) -> Any:
         conn = self._conns.get(addr)

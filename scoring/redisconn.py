@@ -14,7 +14,9 @@ the delivery worker, the lab) opens Redis through this module, so one URL form w
   need their own are given in the query;
 * ``redis+cluster://[user:password@]host[:port][,host[:port]...][/]``: a Redis Cluster; the
   listed nodes (default port 6379) are only the seeds from which the slot map is learnt, any one
-  that answers will do. A cluster has only database 0.
+  that answers will do. A cluster has only database 0. ``rediss+cluster://...[?ssl_ca_certs=F
+  &ssl_certfile=F&ssl_keyfile=F&ssl_cert_reqs=required&ssl_check_hostname=true]`` is the same
+  over TLS (certificate and host name verified by default).
 
 redis-py has Sentinel support (`redis.sentinel.Sentinel`) but no URL form for it, so the URL is
 parsed here; connections are redis-py's `SentinelManagedConnection`s, which ask the sentinels
@@ -39,6 +41,8 @@ import redis.cluster
 import redis.sentinel
 
 CLUSTER_SCHEME = "redis+cluster"
+CLUSTER_TLS_SCHEME = "rediss+cluster"
+CLUSTER_SCHEMES = (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)
 CLUSTER_PORT = 6379
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
@@ -51,7 +55,7 @@ def is_sentinel(url: str) -> bool:
 
 
 def is_cluster(url: str) -> bool:
-    return url.split("://", 1)[0].lower() == CLUSTER_SCHEME
+    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
 
 
 def _credentials(netloc: str) -> tuple[str, str | None, str | None]:
@@ -72,36 +76,65 @@ def _netloc(hosts: tuple[tuple[str, int], ...], username: str, password: str) ->
     return f"{quote(username, safe='')}:{quote(password, safe='')}@{joined}"
 
 
+#: TLS options of a ``rediss+cluster://`` URL (query), as redis-py's SSL connections take them
+_TLS_QUERY = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+              "ssl_check_hostname")
+
+
 @dataclass(frozen=True)
 class ClusterUrl:
-    """A parsed ``redis+cluster://`` URL: seed nodes and the data nodes' credentials."""
+    """A parsed ``redis+cluster://`` or ``rediss+cluster://`` (TLS) URL: seed nodes, the data
+    nodes' credentials and, with TLS, the certificate options."""
 
     nodes: tuple[tuple[str, int], ...]
     username: str | None = None
     password: str | None = None
+    tls: bool = False
+    #: (name, value) pairs of `_TLS_QUERY`, only with ``tls``
+    tls_options: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, url: str) -> ClusterUrl:
         """Parse; raises ValueError naming the part that is wrong (never echoes a password)."""
         scheme, sep, rest = url.partition("://")
-        if not sep or scheme.lower() != CLUSTER_SCHEME:
-            raise ValueError(f"not a {CLUSTER_SCHEME}:// URL")
+        scheme = scheme.lower()
+        if not sep or scheme not in CLUSTER_SCHEMES:
+            raise ValueError(f"not a {CLUSTER_SCHEME}:// or {CLUSTER_TLS_SCHEME}:// URL")
+        tls = scheme == CLUSTER_TLS_SCHEME
         if "#" in rest:
             raise ValueError("a Redis URL has no fragment ('#')")
-        if "?" in rest:
-            raise ValueError("a redis+cluster:// URL takes no parameters ('?...')")
+        rest, _, query = rest.partition("?")
+        if query and not tls:
+            raise ValueError(f"a {CLUSTER_SCHEME}:// URL takes no parameters ('?...'); "
+                             f"TLS options belong to {CLUSTER_TLS_SCHEME}://")
         netloc, _, path = rest.partition("/")
         if path not in ("", "0"):
             raise ValueError("a Redis Cluster has only database 0: "
-                             f"{CLUSTER_SCHEME}://host:port[,host:port][/0]")
+                             f"{scheme}://host:port[,host:port][/0]")
         netloc, username, password = _credentials(netloc)
         nodes = tuple(_host_port(part, CLUSTER_PORT, "cluster node")
                       for part in netloc.split(","))
-        return cls(nodes, username, password)
+        params = parse_qs(query, keep_blank_values=True) if query else {}
+        unknown = sorted(set(params) - set(_TLS_QUERY))
+        if unknown:
+            raise ValueError(f"unknown cluster URL parameter {unknown[0][:40]!r} "
+                             f"(known: {', '.join(_TLS_QUERY)})")
+        options = tuple((k, params[k][-1]) for k in _TLS_QUERY if k in params)
+        for k, v in options:
+            if k == "ssl_cert_reqs" and v not in ("required", "optional", "none"):
+                raise ValueError("ssl_cert_reqs must be required, optional or none")
+            if k == "ssl_check_hostname" and v.lower() not in ("true", "false"):
+                raise ValueError("ssl_check_hostname must be true or false")
+            if k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and not v:
+                raise ValueError(f"{k} needs a file path")
+        return cls(nodes, username, password, tls, options)
 
     def with_credentials(self, username: str, password: str) -> str:
         """This URL with other credentials (e.g. a role's ACL user)."""
-        return f"{CLUSTER_SCHEME}://{_netloc(self.nodes, username, password)}/0"
+        scheme = CLUSTER_TLS_SCHEME if self.tls else CLUSTER_SCHEME
+        query = "&".join(f"{k}={quote(v, safe='/')}" for k, v in self.tls_options)
+        return (f"{scheme}://{_netloc(self.nodes, username, password)}/0"
+                + (f"?{query}" if query else ""))
 
     def _auth(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         kw = dict(kwargs)
@@ -110,19 +143,32 @@ class ClusterUrl:
             kw.setdefault("username", self.username)
         if self.password:
             kw.setdefault("password", self.password)
+        for k, v in self.tls_options:
+            kw.setdefault(k, v.lower() == "true" if k == "ssl_check_hostname" else v)
+        return kw
+
+    def redis_kwargs(self, **kwargs: Any) -> dict[str, Any]:
+        """Keyword arguments of a `redis.Redis` (or `RedisCluster`) for these nodes."""
+        kw = self._auth(kwargs)
+        if self.tls:
+            kw["ssl"] = True
         return kw
 
     def client(self, **kwargs: Any) -> redis.cluster.RedisCluster:
         nodes = [redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
                  for h, p in self.nodes]
-        return redis.cluster.RedisCluster(startup_nodes=nodes, **self._auth(kwargs))
+        return redis.cluster.RedisCluster(startup_nodes=nodes, **self.redis_kwargs(**kwargs))
 
     def async_client(self, **kwargs: Any) -> acluster.RedisCluster:
         nodes = [acluster.ClusterNode(h, p) for h, p in self.nodes]
-        return acluster.RedisCluster(startup_nodes=nodes, **self._auth(kwargs))
+        return acluster.RedisCluster(startup_nodes=nodes, **self.redis_kwargs(**kwargs))
+
+    def connection_class(self) -> type[redis.Connection] | type[redis.SSLConnection]:
+        return redis.SSLConnection if self.tls else redis.Connection
 
     def node_kwargs(self, **kwargs: Any) -> dict[str, Any]:
-        """Keyword arguments of a `redis.Connection` to one node (credentials included)."""
+        """Keyword arguments of a `connection_class()` to one node (credentials and TLS
+        options included)."""
         return self._auth(kwargs)
 
 
@@ -308,7 +354,7 @@ def node_clients(url: str, **kwargs: Any) -> list[redis.Redis]:
                      if not {"fail", "handshake", "noaddr"} & set(info["flags"].split(","))]
         finally:
             cluster.close()
-        return [redis.Redis(host=h, port=p, **seeds.node_kwargs(**kwargs)) for h, p in found]
+        return [redis.Redis(host=h, port=p, **seeds.redis_kwargs(**kwargs)) for h, p in found]
     clients = [client(url, **kwargs)]
     if is_sentinel(url):
         parsed = SentinelUrl.parse(url)

@@ -2,6 +2,8 @@
 
 redis-server processes with ``cluster-enabled yes`` on free ports, joined and given their
 slots by ``redis-cli --cluster create`` (the tool operators use), stopped by pid at the end.
+With ``tls=True`` every node speaks only TLS (clients, cluster bus, replication), with
+certificates of a throw-away CA made at start (`tests.tls_certs`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import redis
 
 from ops.lab import REDIS_EXPECT, redis_argv
 from ops.procs import free_port, pid_alive, redis_ping, start_process, stop_pid, wait_until
+from tests.tls_certs import TestCa
 
 
 def cluster_port() -> int:
@@ -44,21 +47,50 @@ class ClusterSet:
     masters: int = 3
     replicas: int = 0
     timeout_ms: int = 1000
+    tls: bool = False
     ports: list[int] = field(default_factory=list)
     pids: dict[int, int] = field(default_factory=dict)
+    #: with ``tls``: ca, server (cert, key), client (cert, key) files
+    files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         # the first seed has nobody listening: discovery must go on to the next one
         dead = free_port("127.0.0.1", "tcp")
-        return f"redis+cluster://127.0.0.1:{dead},127.0.0.1:{self.ports[0]}"
+        hosts = f"127.0.0.1:{dead},127.0.0.1:{self.ports[0]}"
+        if not self.tls:
+            return f"redis+cluster://{hosts}"
+        return f"rediss+cluster://{hosts}/0?ssl_ca_certs={self.files['ca']}"
+
+    def _make_certs(self) -> None:
+        ca = TestCa("spitwall redis test CA")
+        pki = self.workdir / "pki"
+        pki.mkdir(parents=True, exist_ok=True)
+        self.files["ca"] = ca.write(pki)
+        server = ca.issue("redis.test", dns=["localhost"], ips=["127.0.0.1"]).write(pki, "server")
+        client = ca.issue("redis-node", client=True).write(pki, "client")
+        self.files.update(server_cert=server.cert, server_key=server.key,
+                          client_cert=client.cert, client_key=client.key)
+
+    def _tls_args(self) -> list[str]:
+        f = self.files
+        return ["--tls-cert-file", str(f["server_cert"]), "--tls-key-file", str(f["server_key"]),
+                "--tls-client-cert-file", str(f["client_cert"]),
+                "--tls-client-key-file", str(f["client_key"]),
+                "--tls-ca-cert-file", str(f["ca"]), "--tls-auth-clients", "optional",
+                "--tls-cluster", "yes", "--tls-replication", "yes"]
 
     def start(self) -> None:
+        if self.tls:
+            self._make_certs()
         for _ in range(self.masters * (1 + self.replicas)):
             port = cluster_port()
             self.ports.append(port)
             self.start_node(port)
-        subprocess.run(["redis-cli", "--cluster", "create",
+        cli_tls = (["--tls", "--cacert", str(self.files["ca"]), "--cert",
+                    str(self.files["client_cert"]), "--key", str(self.files["client_key"])]
+                   if self.tls else [])
+        subprocess.run(["redis-cli", *cli_tls, "--cluster", "create",
                         *[f"127.0.0.1:{p}" for p in self.ports],
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
@@ -70,10 +102,23 @@ class ClusterSet:
         argv = [*redis_argv(wd, port), "--cluster-enabled", "yes",
                 "--cluster-config-file", str(wd / "nodes.conf"),
                 "--cluster-node-timeout", str(self.timeout_ms)]
+        if self.tls:  # TLS only: the plain port is closed
+            argv = [*argv, "--port", "0", "--tls-port", str(port), *self._tls_args()]
         self.pids[port] = start_process(argv, wd / "out.log", cwd=wd)
-        assert wait_until(lambda: redis_ping("127.0.0.1", port, 0.5), 10), f"{port} not up"
+        assert wait_until(lambda: self._ping(port), 10), f"{port} not up"
+
+    def _ping(self, port: int) -> bool:
+        if not self.tls:
+            return redis_ping("127.0.0.1", port, 0.5)
+        try:
+            return bool(self.node(port).ping())
+        except (redis.RedisError, OSError):
+            return False
 
     def node(self, port: int) -> redis.Redis:
+        if self.tls:
+            return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, ssl=True,
+                               ssl_ca_certs=str(self.files["ca"]))
         return redis.Redis(port=port, socket_timeout=2)
 
     def healthy(self) -> bool:

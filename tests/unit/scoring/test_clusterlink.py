@@ -5,6 +5,7 @@ master, MOVED/ASK after a reshard, NOSCRIPT, a master killed and its replica pro
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
@@ -13,12 +14,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from scoring import keys
+from scoring import keys, redisconn
 from scoring.clusterlink import ClusterLink, command_key
 from scoring.config import Config
 from scoring.redisconn import ClusterUrl
 from scoring.store import RedisUnavailable, Store, pack
 from tests.redis_cluster import ClusterSet
+from tests.tls_certs import TestCa
 from tests.unit.scoring.support import attempt
 
 NOW = 1_800_000_000.0
@@ -220,3 +222,54 @@ def test_no_node_answers_is_unavailable_fast() -> None:
     with pytest.raises(RedisUnavailable, match="marked down"):  # not retried for 5 s
         store.observe(attempt(), Config.defaults(), now=NOW)
     assert time.monotonic() - t0 < 2.0
+
+
+def test_tls_cluster_verified_end_to_end(tmp_path: Path) -> None:
+    """rediss+cluster://: the store, the redis-py clients and node discovery over TLS only,
+    certificates and host names verified; a wrong CA or plain TCP fails open, never hangs."""
+    cluster = ClusterSet(tmp_path / "cluster", tls=True)
+    try:
+        cluster.start()
+        url = cluster.url
+        assert url.startswith("rediss+cluster://")
+        store = Store(url, timeout=2.0)
+        try:
+            for i in range(10):
+                sig = store.observe(attempt(source_ip=f"192.0.2.{i}"), Config.defaults(), now=NOW)
+                assert sig.available and sig.ip_rate[10] == 1.0
+            assert store.cluster is not None and len(store.cluster._conns) == 3
+        finally:
+            store.close()
+        client = redisconn.client(url, socket_timeout=2)
+        try:
+            assert int(client.get(keys.rate_keys(keys.tag("ip", "192.0.2.3"), (10,), NOW)[0])
+                       or 0) == 1
+        finally:
+            client.close()
+
+        async def via_asyncio() -> int:
+            ac = redisconn.async_client(url, socket_timeout=2)
+            try:
+                return int(await ac.get(keys.rate_keys(keys.tag("ip", "192.0.2.4"), (10,),
+                                                       NOW)[0]) or 0)
+            finally:
+                await ac.aclose()
+
+        assert asyncio.run(via_asyncio()) == 1
+        nodes = redisconn.node_clients(url, socket_timeout=2)
+        assert len(nodes) == 3 and all(n.ping() for n in nodes)
+        for n in nodes:
+            n.close()
+
+        other_ca = TestCa("some other CA").write(tmp_path, "other")
+        wrong = url.replace(str(cluster.files["ca"]), str(other_ca))
+        plain = url.replace("rediss+cluster://", "redis+cluster://").split("/0?")[0]
+        for bad in (wrong, plain):
+            s = Store(bad, timeout=0.5, retry_after=5)
+            t0 = time.monotonic()
+            with pytest.raises(RedisUnavailable):
+                s.observe(attempt(), Config.defaults(), now=NOW)
+            assert time.monotonic() - t0 < 5
+            s.close()
+    finally:
+        cluster.stop()

@@ -102,7 +102,7 @@ def test_cluster_url_is_parsed() -> None:
 
 
 @pytest.mark.parametrize(("url", "message"), [
-    ("redis://h/0", "not a redis+cluster:// URL"),
+    ("redis://h/0", "not a redis+cluster:// or rediss+cluster:// URL"),
     ("redis+cluster://h:7000/1", "only database 0"),
     ("redis+cluster://h:7000/0/x", "only database 0"),
     ("redis+cluster://h:0", "bad cluster node port"),
@@ -110,6 +110,11 @@ def test_cluster_url_is_parsed() -> None:
     ("redis+cluster://h,,i", "empty cluster node address"),
     ("redis+cluster://[::1", "bad IPv6 cluster node"),
     ("redis+cluster://h?timeout=1", "takes no parameters"),
+    ("redis+cluster://h?ssl_ca_certs=/x", "TLS options belong to rediss"),
+    ("rediss+cluster://h?ssl_ca_cert=/x", "unknown cluster URL parameter 'ssl_ca_cert'"),
+    ("rediss+cluster://h?ssl_cert_reqs=maybe", "ssl_cert_reqs must be"),
+    ("rediss+cluster://h?ssl_check_hostname=1", "ssl_check_hostname must be"),
+    ("rediss+cluster://h?ssl_certfile=", "needs a file path"),
     ("redis+cluster://h#x", "fragment"),
 ])
 def test_malformed_cluster_urls_are_refused_precisely(url: str, message: str) -> None:
@@ -147,3 +152,16 @@ def test_cluster_clients_find_every_node(redis_cluster: ClusterSet) -> None:
     assert len(holding) >= 2
     for n in nodes:
         n.close()
+
+
+def test_tls_cluster_url_keeps_its_options() -> None:
+    u = ClusterUrl.parse("rediss+cluster://u:p@h:7000/0?ssl_ca_certs=/etc/ca.pem"
+                         "&ssl_check_hostname=false&ssl_cert_reqs=required")
+    assert u.tls and u.nodes == (("h", 7000),)
+    kw = u.redis_kwargs(socket_timeout=1)
+    assert kw["ssl"] is True and kw["ssl_ca_certs"] == "/etc/ca.pem"
+    assert kw["ssl_check_hostname"] is False and kw["ssl_cert_reqs"] == "required"
+    assert "ssl" not in u.node_kwargs() and u.connection_class() is redis.SSLConnection
+    again = ClusterUrl.parse(u.with_credentials("spitwall-proxy", "x"))
+    assert again == ClusterUrl(u.nodes, "spitwall-proxy", "x", True, u.tls_options)
+    assert ClusterUrl.parse("redis+cluster://h").connection_class() is redis.Connection
