@@ -145,3 +145,22 @@ def test_lab_refuses_a_malformed_cluster_url(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert "only database 0" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "lab" / "lab.json").exists()
+
+
+def test_kamailio_scores_on_a_tls_cluster_through_its_define(tmp_path: Path,
+                                                             lab_factory: Any) -> None:
+    """A rediss+cluster:// URL (commas, '?', '=', '/' and all) goes through Kamailio's
+    REDIS_URL define; the children score over TLS."""
+    cluster = ClusterSet(tmp_path / "cluster", tls=True)
+    try:
+        cluster.start()
+        url = cluster.url
+        with rig(functools.partial(lab_factory, redis_url=url, redis_users=False)) as r:
+            res = run_uac(r.host, r.port, "127.0.10.7", 3, 5, rows(3))
+            assert res.count(200) == 3, res.summary()
+            for inv in r.next_hop.wait_for_invites(3):
+                assert inv.headers("X-Spitwall-Score")
+            decided = _decided(url, res.outcomes)
+            assert len(decided) == 3 and not any(d["degraded"] for d in decided), decided
+    finally:
+        cluster.stop()
