@@ -158,6 +158,7 @@ class Settings:
     shm_mb: int
     rcvbuf: int
     retrans: bool
+    mem: str = ""  # Kamailio's memory manager (-x): qm, fm, tlsf; "" = the lab's (tlsf)
 
 
 # ------------------------------------------------------------------------------------ /proc
@@ -392,10 +393,12 @@ class BenchLab(Lab):
       500 ms later (which measures SIP timers, not the proxy).
     """
 
-    def __init__(self, workdir: Path, shm_mb: int, rcvbuf: int) -> None:
+    def __init__(self, workdir: Path, shm_mb: int, rcvbuf: int, mem: str = "") -> None:
         super().__init__(workdir)
         self.shm_mb = shm_mb
         self.rcvbuf = rcvbuf
+        if mem:
+            self.mem_manager = mem
 
     def kamailio_argv(self, state: LabState) -> list[str]:
         argv = super().kamailio_argv(state)
@@ -413,7 +416,7 @@ class Bench:
         self.s = settings
         self.workdir = workdir
         self.log = log
-        self.lab = BenchLab(workdir / "lab", settings.shm_mb, settings.rcvbuf)
+        self.lab = BenchLab(workdir / "lab", settings.shm_mb, settings.rcvbuf, settings.mem)
         self.lab_state: LabState | None = None
         self.uas: UasProcess | None = None
         self.fleet: UacFleet | None = None
@@ -725,7 +728,8 @@ def render(summary: dict[str, Any], results: Sequence[RoundResult]) -> str:
         f"settings: {s['calls']} calls/round, {s['rounds']} rounds per mode, target "
         f"{s['rate']:g} calls/s, at most {s['concurrency_off']} (off) / {s['concurrency_on']} "
         "(on) calls in flight, "
-        f"{s['sources']} source IPs, {s['children']} Kamailio children",
+        f"{s['sources']} source IPs, {s['children']} Kamailio children, memory manager "
+        f"{s.get('mem') or Lab.mem_manager}",
         "",
         HEADER,
         *(_row(r) for r in results),
@@ -855,6 +859,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "buffers are large enough that loopback loses nothing, and the closed loop "
         "queues calls for longer than T1 when scoring is on",
     )
+    p.add_argument(
+        "--mem",
+        choices=("qm", "fm", "tlsf"),
+        default="",
+        help="Kamailio's memory manager (-x, shared and private memory); default: the lab's "
+        "(tlsf; Kamailio's own default is qm)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per round at most")
     p.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary dir)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -877,6 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrency_off=args.concurrency_off, concurrency_on=args.concurrency_on,
         sources=args.sources, children=args.children, warmup=max(0, args.warmup),
         timeout=args.timeout, shm_mb=args.shm, rcvbuf=args.rcvbuf, retrans=args.retrans,
+        mem=args.mem,
     )  # fmt: skip
     for tool in ("kamailio", "redis-server"):
         if (

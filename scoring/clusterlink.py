@@ -77,10 +77,10 @@ class ClusterLink:
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 last = exc
                 continue
+            except ResponseError as exc:  # not a cluster node, or no right to ask (ACL)
+                raise redis.ConnectionError(f"CLUSTER SLOTS on {host}:{port}: {exc}") from exc
             finally:
                 conn.disconnect()
-            if isinstance(reply, ResponseError):
-                raise redis.ConnectionError(f"CLUSTER SLOTS on {host}:{port}: {reply}")
             self._install(reply, host)
             return
         raise redis.ConnectionError(f"no Redis Cluster node answered ({last})")
@@ -124,6 +124,9 @@ class ClusterLink:
         try:
             conn.connect()
             self._load_scripts(conn)
+        except ResponseError as exc:  # e.g. NOPERM: a misconfigured user, as good as down
+            conn.disconnect()
+            raise redis.ConnectionError(f"SCRIPT LOAD on {addr[0]}:{addr[1]}: {exc}") from exc
         except BaseException:
             conn.disconnect()
             raise
@@ -135,9 +138,7 @@ class ClusterLink:
         for source in self.scripts:  # registered once per connection, i.e. once per child
             conn.send_command("SCRIPT", "LOAD", source)
         for _ in self.scripts:
-            reply = conn.read_response()
-            if isinstance(reply, ResponseError):
-                raise reply
+            conn.read_response()
 
     def close(self) -> None:
         """Drop every connection and the slot map (the next call learns it again)."""

@@ -106,7 +106,9 @@ class Store:
             for s in SCRIPTS:  # registered once per connection, i.e. once per child
                 conn.send_command("SCRIPT", "LOAD", s.source)  # type: ignore[no-untyped-call]
                 conn.read_response()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OSError, ResponseError) as exc:
+            # ResponseError: e.g. NOPERM on SCRIPT LOAD (a misconfigured user): as good as down
+            conn.disconnect()  # type: ignore[no-untyped-call]
             self._mark_down(exc)
             raise RedisUnavailable(str(exc)) from exc
         self._conn = conn

@@ -273,3 +273,13 @@ def test_tls_cluster_verified_end_to_end(tmp_path: Path) -> None:
             s.close()
     finally:
         cluster.stop()
+
+
+def test_a_plain_server_behind_a_cluster_url_is_unavailable(redis_url: str) -> None:
+    """A redis+cluster:// URL that reaches a non-cluster server (or a user without CLUSTER
+    SLOTS) fails open with the server's reason, like an unreachable cluster."""
+    port = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]
+    store = Store(f"redis+cluster://127.0.0.1:{port}", timeout=0.5, retry_after=5)
+    with pytest.raises(RedisUnavailable, match="cluster support disabled"):
+        store.observe(attempt(), Config.defaults(), now=NOW)
+    store.close()

@@ -484,3 +484,20 @@ def test_attempt_without_identities(store: Store) -> None:
     assert sig.distinct_callers == 1
     assert sig.distinct_callees == 0
     assert sig.recent_callees == ()
+
+
+def test_a_user_without_script_load_fails_open_and_is_not_retried(redis_url: str,
+                                                                   r1: redis.Redis) -> None:
+    """A misconfigured Redis user (no SCRIPT LOAD) is as good as Redis down: fail open, retry
+    after `retry_after`, no exception other than RedisUnavailable."""
+    r1.execute_command("ACL", "SETUSER", "noscripts", "on", ">pw", "~*", "+@all", "-script")
+    try:
+        url = redis_url.replace("redis://", "redis://noscripts:pw@")
+        store = Store(url, timeout=0.5, retry_after=5)
+        with pytest.raises(RedisUnavailable, match="script"):
+            store.observe(attempt(), Config.defaults(), now=NOW)
+        with pytest.raises(RedisUnavailable, match="marked down"):
+            store.observe(attempt(), Config.defaults(), now=NOW)
+        store.close()
+    finally:
+        r1.execute_command("ACL", "DELUSER", "noscripts")
