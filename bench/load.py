@@ -91,7 +91,7 @@ BENCH_WEIGHT = "0.001"
 
 #: Commands the store sends itself on the request path (the rest of commandstats comes from
 #: inside observe.lua / record.lua, or from config reloads).
-CLIENT_COMMANDS = ("evalsha", "mget", "hincrby")
+CLIENT_COMMANDS = ("evalsha", "mget", "hincrby", "set")  # set: the callee's last caller
 #: Commands the Lua scripts run (Redis 7 counts them in commandstats too), read from the scripts.
 SCRIPT_COMMANDS = frozenset(
     name.lower()
@@ -825,8 +825,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--concurrency-off",
         type=_positive,
-        default=1200,
-        help="calls in flight at most with enabled=false, summed over the UACs (1200)",
+        default=2000,
+        help="calls in flight at most with enabled=false, summed over the UACs (2000)",
     )
     p.add_argument(
         "--concurrency-on",
