@@ -119,6 +119,9 @@ class LabState:
     users_shared: bool = False
     #: the intercept delivery worker (`spitwall deliver`): SUBSCRIBE Event: srtp goes there
     deliver_uri: str = ""
+    #: UDP port of the lab's answering machine; 0: the port of ``media_uri`` (unless the lab
+    #: was told to divert elsewhere, the answering machine is what ``media_uri`` names)
+    media_port: int = 0
 
     @property
     def sip_uri(self) -> str:
@@ -181,6 +184,8 @@ EXTRA_SERVICES: list[ExtraService] = []
 
 
 def _media_port(state: LabState) -> int:
+    if state.media_port:
+        return state.media_port
     return int(state.media_uri.rsplit(":", 1)[1].split(";", 1)[0])
 
 
@@ -440,8 +445,12 @@ class Lab:
         children: int = DEFAULT_CHILDREN,
         timeout: float = KAMAILIO_READY_TIMEOUT,
         redis_users: bool | None = None,
+        media_uri: str | None = None,
     ) -> LabState:
         """Start the lab and return once every service answers.
+
+        ``media_uri`` makes Kamailio divert to another answering machine than the lab's own
+        (which still runs, on ``media_port`` or a free port), e.g. a test's SIP UAS.
 
         ``redis_url`` uses an existing Redis (nothing is started for it); otherwise redis-server
         runs on ``redis_port`` (default: a free one). ``redis_users`` creates the Redis role
@@ -450,6 +459,9 @@ class Lab:
         LabError (with Kamailio's log tail when it is the culprit) is raised.
         """
         _validate_up(sip_addr, redis_url, redis_port, next_hop, children)
+        if media_uri is not None and (not media_uri.startswith(("sip:", "sips:"))
+                                      or any(ch.isspace() for ch in media_uri)):
+            raise LabError(f"media URI must be a sip: or sips: URI, not {media_uri[:80]!r}")
         if not self.kamailio_cfg.is_file():
             raise LabError(f"Kamailio config {self.kamailio_cfg} not found")
         with self._locked():
@@ -466,7 +478,7 @@ class Lab:
                 self.state_path.unlink()
             return self._start_all(
                 sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children, timeout,
-                redis_users,
+                redis_users, media_uri,
             )
 
     def _start_all(
@@ -480,6 +492,7 @@ class Lab:
         children: int,
         timeout: float,
         redis_users: bool | None = None,
+        media_uri: str | None = None,
     ) -> LabState:
         own_redis = redis_url is None
         make_users = own_redis if redis_users is None else redis_users
@@ -495,7 +508,8 @@ class Lab:
             sip_port=sip_port,
             redis_url=redis_url,
             next_hop=next_hop,
-            media_uri=f"sip:spitwall-am@{_uri_host(sip_addr)}:{media_port}",
+            media_uri=media_uri or f"sip:spitwall-am@{_uri_host(sip_addr)}:{media_port}",
+            media_port=media_port,
             deliver_uri=f"sip:spitwall-li@{_uri_host(sip_addr)}:{free_port(sip_addr, 'udp')}",
             children=children,
             kamailio_cfg=str(self.kamailio_cfg),

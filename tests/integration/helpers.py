@@ -52,8 +52,9 @@ def rig(lab_factory: object, children: int = 2) -> Iterator[Rig]:
         hop = stack.enter_context(start_uas("127.0.0.1"))
         am_port = free_udp_port("127.0.0.1")
         am = stack.enter_context(start_uas("127.0.0.1", am_port))
+        # MEDIA_URI names the UAS; the lab's own answering machine runs on a port of its own
         lab = lab_factory(next_hop=f"sip:127.0.0.1:{hop.port}",  # type: ignore[operator]
-                          media_port=am_port, children=children)
+                          media_uri=f"sip:spitwall-am@127.0.0.1:{am_port}", children=children)
         yield Rig(lab, hop, am)
 
 

@@ -101,7 +101,28 @@ def test_lab_passes_defines_to_kamailio(lab_factory: LabFactory) -> None:
         f"SPITWALL_ROOT={lab_module.REPO_ROOT}",
     } <= defines
     assert "-DD" in argv and "-E" in argv
+    assert argv[argv.index("-x") + 1] == "tlsf"  # the memory manager we measured and deploy
     assert _options(lab) == 200
+
+
+def test_media_uri_diverts_elsewhere_and_the_answering_machine_still_runs(
+        lab_factory: LabFactory) -> None:
+    """A test's own UAS as MEDIA_URI: the lab's answering machine runs on a port of its own
+    (it used to be started on the UAS' port, fail to bind and die unnoticed)."""
+    lab = lab_factory(media_uri="sip:spitwall-am@127.0.0.1:5997", children=1)
+    state = lab.state
+    assert state is not None
+    assert state.media_uri == "sip:spitwall-am@127.0.0.1:5997"
+    assert state.media_port not in (0, 5997)
+    argv = pid_cmdline(state.pids["kamailio"]) or []
+    assert "MEDIA_URI=sip:spitwall-am@127.0.0.1:5997" in argv
+    media = pid_cmdline(state.pids["media"]) or []
+    assert str(state.media_port) in media
+    rows = lab.status()
+    assert rows is not None
+    assert ("media", True, True) in [(r.name, r.alive, r.answering) for r in rows]
+    with pytest.raises(LabError, match="sip: or sips:"):
+        Lab(lab.workdir.parent / "other").up(media_uri="http://x", redis_url=state.redis_url)
 
 
 def test_down_stops_exactly_the_lab(lab_factory: LabFactory) -> None:
