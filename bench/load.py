@@ -81,8 +81,9 @@ from ops.sipp import (  # noqa: E402
     stop_popen,
     write_injection,
 )
-from scoring import config_admin, keys  # noqa: E402
+from scoring import config_admin, keys, redisconn  # noqa: E402
 from scoring.config import PARAMS  # noqa: E402
+from tests.redis_cluster import ClusterSet  # noqa: E402
 
 #: The weight every check gets for the benchmark: small enough that the sum of all checks stays
 #: far below the divert threshold (calls are relayed), not zero, so that no check can be skipped
@@ -98,10 +99,6 @@ SCRIPT_COMMANDS = frozenset(
     for path in sorted((REPO_ROOT / "scoring" / "lua").glob("*.lua"))
     for name in re.findall(r"redis\.call\(\s*['\"](\w+)['\"]", path.read_text())
 )
-#: What our own two monitoring commands add between two snapshots (see redis_snapshot).
-OWN_COMMANDS = {"info": 1, "hgetall": 1}
-OWN_READS = 2
-OWN_WRITES = 2
 
 USER_AGENT = "spitwall-bench/1"
 RCVBUF = 4 * 1024 * 1024  # the kernel caps it at net.core.rmem_max anyway
@@ -159,6 +156,7 @@ class Settings:
     rcvbuf: int
     retrans: bool
     mem: str = ""  # Kamailio's memory manager (-x): qm, fm, tlsf; "" = the lab's (tlsf)
+    cluster: int = 0  # >0: a Redis Cluster of that many masters instead of one redis-server
 
 
 # ------------------------------------------------------------------------------------ /proc
@@ -211,24 +209,36 @@ def children_cpu_seconds() -> float:
 # ------------------------------------------------------------------------------------ redis
 
 
-def redis_snapshot(client: redis.Redis) -> tuple[dict[str, int], int, int, dict[str, int]]:
-    """(commandstats calls per command, reads, writes, decision counters).
+def redis_snapshot(
+    client: redis.Redis, nodes: Sequence[redis.Redis] = ()
+) -> tuple[dict[str, int], int, int, dict[str, int]]:
+    """(commandstats calls per command, reads, writes, decision counters), summed over
+    ``nodes`` (the masters of a cluster; default: ``client``'s one server).
 
-    Two commands of our own, HGETALL then INFO. Between two snapshots, Redis therefore counts
-    OWN_READS reads (the second snapshot's HGETALL and INFO), OWN_WRITES reply writes (the first
-    INFO's reply and the second HGETALL's; the second INFO's reply is written after INFO ran)
-    and one HGETALL: the callers subtract them.
+    Commands of our own: HGETALL, then INFO on every node. Between two snapshots, Redis
+    therefore counts `own_reads` reads (the second snapshot's HGETALL and INFOs), as many reply
+    writes (the first INFOs' replies and the second HGETALL's; the second INFOs' replies are
+    written after INFO ran), one HGETALL and an INFO per node: the callers subtract them.
     """
     raw = client.hgetall(keys.STATS)
     counters = {_s(k): int(v) for k, v in raw.items()}
-    info: dict[str, Any] = client.info("commandstats", "stats")
     commands: dict[str, int] = {}
-    for name, value in info.items():
-        if name.startswith("cmdstat_") and isinstance(value, dict):
-            commands[name[len("cmdstat_") :]] = int(value.get("calls", 0))
-    reads = int(info.get("total_reads_processed", 0))
-    writes = int(info.get("total_writes_processed", 0))
+    reads = writes = 0
+    for node in nodes or [client]:
+        info: dict[str, Any] = node.info("commandstats", "stats")
+        for name, value in info.items():
+            if name.startswith("cmdstat_") and isinstance(value, dict):
+                key = name[len("cmdstat_") :]
+                commands[key] = commands.get(key, 0) + int(value.get("calls", 0))
+        reads += int(info.get("total_reads_processed", 0))
+        writes += int(info.get("total_writes_processed", 0))
     return commands, reads, writes, counters
+
+
+def own_traffic(n_nodes: int) -> tuple[dict[str, int], int]:
+    """What two `redis_snapshot`s over ``n_nodes`` add between them: commands, and reads (=
+    reply writes)."""
+    return {"info": n_nodes, "hgetall": 1}, n_nodes + 1
 
 
 def _s(x: Any) -> str:
@@ -422,7 +432,9 @@ class Bench:
         self.fleet: UacFleet | None = None
         self.client: redis.Redis | None = None
         self.kamailio_pids: list[int] = []
-        self.redis_pid: int | None = None
+        self.redis_pids: list[int] = []
+        self.redis_nodes: list[redis.Redis] = []  # the masters whose INFO we sum
+        self.cluster: ClusterSet | None = None
         self.sources = [f"127.0.2.{i + 1}" for i in range(settings.sources)]
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -434,16 +446,26 @@ class Bench:
             "127.0.0.1", trace_msg=False, workdir=self.workdir / "uas", extra_args=extra
         )
         self.log(f"next hop: sipp UAS pid {self.uas.pid} on {self.uas.address}")
-        self.lab_state = self.lab.up(next_hop=self.uas.uri, children=self.s.children)
+        if self.s.cluster:
+            self.cluster = ClusterSet(self.workdir / "cluster", masters=self.s.cluster)
+            self.cluster.start()
+            self.lab_state = self.lab.up(next_hop=self.uas.uri, children=self.s.children,
+                                         redis_url=self.cluster.url)
+            self.redis_pids = list(self.cluster.pids.values())
+            self.redis_nodes = [self.cluster.node(p) for p in self.cluster.running()]
+            where = f"Redis Cluster of {self.s.cluster} masters, pids {self.redis_pids}"
+        else:
+            self.lab_state = self.lab.up(next_hop=self.uas.uri, children=self.s.children)
+            self.redis_pids = [self.lab_state.pids["redis"]]
+            where = f"redis-server pid {self.redis_pids[0]}"
         st = self.lab_state
         self.log(
             f"lab: kamailio pid {st.pids['kamailio']} on {st.sip_addr}:{st.sip_port}, "
-            f"{st.children} children; redis-server pid {st.pids['redis']} {st.redis_url}"
+            f"{st.children} children; {where} {st.redis_url}"
         )
         main_pid = st.pids["kamailio"]
         self.kamailio_pids = [main_pid, *_children_of(main_pid)]
-        self.redis_pid = st.pids["redis"]
-        self.client = redis.Redis.from_url(st.redis_url, socket_timeout=10)
+        self.client = redisconn.client(st.redis_url, socket_timeout=10)
         weights = neutralise_scores(self.client)
         self.log(f"config: {', '.join(weights)} = {BENCH_WEIGHT} (every check runs, calls relay)")
         prefill_sources(self.client, self.sources)
@@ -462,6 +484,12 @@ class Bench:
         if self.uas is not None:
             self.uas.close()
             self.uas = None
+        for node in self.redis_nodes:
+            with contextlib.suppress(Exception):
+                node.close()
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
 
     # -- rounds -------------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -493,7 +521,7 @@ class Bench:
         return wall, [read_sipp_stats(p) for p in stat_files], codes
 
     def measure_round(self, index: int, mode: str) -> RoundResult:
-        assert self.client is not None and self.redis_pid is not None
+        assert self.client is not None and self.redis_pids
         self.set_mode(mode)
         # A child learns about a new config version from its next INVITE's reply, or, while
         # the kill switch is on, from a version poll at most once a second on its next INVITE
@@ -503,25 +531,26 @@ class Bench:
         if self.s.warmup:
             self.run_calls(f"r{index}-warmup", self.s.warmup, mode)
         time.sleep(0.3)
-        cmd0, reads0, writes0, counters0 = redis_snapshot(self.client)
+        cmd0, reads0, writes0, counters0 = redis_snapshot(self.client, self.redis_nodes)
         assert self.uas is not None
         busy0, total0 = machine_ticks()
         sipp0 = children_cpu_seconds() + cpu_seconds([self.uas.pid])
-        kam0, red0 = cpu_seconds(self.kamailio_pids), cpu_seconds([self.redis_pid])
+        kam0, red0 = cpu_seconds(self.kamailio_pids), cpu_seconds(self.redis_pids)
         wall, stats, codes = self.run_calls(f"r{index}-{mode}", self.s.calls, mode)
-        kam1, red1 = cpu_seconds(self.kamailio_pids), cpu_seconds([self.redis_pid])
+        kam1, red1 = cpu_seconds(self.kamailio_pids), cpu_seconds(self.redis_pids)
         sipp1 = children_cpu_seconds() + cpu_seconds([self.uas.pid])
         busy1, total1 = machine_ticks()
         ours = (kam1 - kam0) + (red1 - red0) + (sipp1 - sipp0)
         others = (busy1 - busy0) / CLK_TCK - ours
         time.sleep(0.3)  # deferred writes of the last calls reach Redis
-        cmd1, reads1, writes1, counters1 = redis_snapshot(self.client)
+        cmd1, reads1, writes1, counters1 = redis_snapshot(self.client, self.redis_nodes)
+        own_commands, own_io = own_traffic(len(self.redis_nodes) or 1)
         ok = sum(_stat_int(st, "SuccessfulCall(C)") for st in stats)
         failed = sum(_stat_int(st, "FailedCall(C)") for st in stats)
         counters = _delta(counters1, counters0)
         actions = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("action:")}
         commands = _delta(cmd1, cmd0)
-        for name, own in OWN_COMMANDS.items():
+        for name, own in own_commands.items():
             commands[name] = commands.get(name, 0) - own
         commands = {k: v for k, v in commands.items() if v}
         done = max(ok, 1)
@@ -540,7 +569,7 @@ class Bench:
             others_cores=round(max(0.0, others) / wall, 2) if wall > 0 else 0.0,
             invites=ok + failed, invites_scored=sum(actions.values()), actions=actions,
             commands=commands,
-            redis_reads=reads1 - reads0 - OWN_READS, redis_writes=writes1 - writes0 - OWN_WRITES,
+            redis_reads=reads1 - reads0 - own_io, redis_writes=writes1 - writes0 - own_io,
             retransmissions=sum(_stat_int(st, "Retransmissions(C)") for st in stats),
             call_length_ms=round(length, 1), sipp_rc=codes,
         )  # fmt: skip
@@ -729,7 +758,8 @@ def render(summary: dict[str, Any], results: Sequence[RoundResult]) -> str:
         f"{s['rate']:g} calls/s, at most {s['concurrency_off']} (off) / {s['concurrency_on']} "
         "(on) calls in flight, "
         f"{s['sources']} source IPs, {s['children']} Kamailio children, memory manager "
-        f"{s.get('mem') or Lab.mem_manager}",
+        f"{s.get('mem') or Lab.mem_manager}, Redis "
+        + (f"Cluster of {s['cluster']} masters" if s.get("cluster") else "one redis-server"),
         "",
         HEADER,
         *(_row(r) for r in results),
@@ -801,6 +831,14 @@ def _fmt_actions(actions: dict[str, int]) -> str:
 # ------------------------------------------------------------------------------------ main
 
 
+def _cluster_masters(text: str) -> int:
+    n = int(text) if text.isdigit() else -1
+    if n != 0 and not 3 <= n <= 16:
+        raise argparse.ArgumentTypeError(
+            f"a Redis Cluster needs 3 to 16 masters here, not {text!r}")
+    return n
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -866,6 +904,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="Kamailio's memory manager (-x, shared and private memory); default: the lab's "
         "(tlsf; Kamailio's own default is qm)",
     )
+    p.add_argument(
+        "--redis-cluster",
+        type=_cluster_masters,
+        default=0,
+        metavar="MASTERS",
+        help="run Redis as a cluster of this many masters (redis+cluster://; default: one "
+        "redis-server)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per round at most")
     p.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary dir)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -888,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrency_off=args.concurrency_off, concurrency_on=args.concurrency_on,
         sources=args.sources, children=args.children, warmup=max(0, args.warmup),
         timeout=args.timeout, shm_mb=args.shm, rcvbuf=args.rcvbuf, retrans=args.retrans,
-        mem=args.mem,
+        mem=args.mem, cluster=args.redis_cluster,
     )  # fmt: skip
     for tool in ("kamailio", "redis-server"):
         if (
