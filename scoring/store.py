@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from lists.matcher import ListSnapshot
 from lists.store import load_lists
 from scoring import keys, redisconn
-from scoring.clusterlink import ClusterLink
+from scoring.clusterlink import ClusterLink, NodeDown
 from scoring.config import Config
 from scoring.model import Action, CallAttempt, Decision, Signals
 from scoring.reputation import caller_rep_key, ip_rep_key, update_command
@@ -76,8 +76,8 @@ class Store:
         self.pool: redis.ConnectionPool | None = None
         if redisconn.is_cluster(url):
             self.cluster = ClusterLink(redisconn.ClusterUrl.parse(url),
-                                       [s.source for s in SCRIPTS], socket_timeout=timeout,
-                                       socket_connect_timeout=timeout)
+                                       [s.source for s in SCRIPTS], retry_after=retry_after,
+                                       socket_timeout=timeout, socket_connect_timeout=timeout)
         else:
             self.pool = redisconn.connection_pool(
                 url, socket_timeout=timeout, socket_connect_timeout=timeout
@@ -145,6 +145,9 @@ class Store:
             raise RedisUnavailable("redis marked down")
         try:
             return send(commands, pack)
+        except NodeDown as exc:  # one master: this request fails open, the others go on
+            self.errors += 1
+            raise RedisUnavailable(str(exc)) from exc
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._mark_down(exc)
             raise RedisUnavailable(str(exc)) from exc

@@ -52,6 +52,8 @@ class ClusterSet:
     pids: dict[int, int] = field(default_factory=dict)
     #: with ``tls``: ca, server (cert, key), client (cert, key) files
     files: dict[str, Path] = field(default_factory=dict)
+    #: more redis-server arguments for every node
+    extra: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -104,6 +106,7 @@ class ClusterSet:
                 "--cluster-node-timeout", str(self.timeout_ms)]
         if self.tls:  # TLS only: the plain port is closed
             argv = [*argv, "--port", "0", "--tls-port", str(port), *self._tls_args()]
+        argv += self.extra
         self.pids[port] = start_process(argv, wd / "out.log", cwd=wd)
         assert wait_until(lambda: self._ping(port), 10), f"{port} not up"
 
@@ -170,6 +173,15 @@ class ClusterSet:
                 self.node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE",
                                                 self.node_id(dst))
         return slot
+
+    def slot_owners(self) -> dict[int, int]:
+        """Slot -> port of the master serving it now."""
+        owners: dict[int, int] = {}
+        for start, end, primary, *_ in self.node(self.running()[0]).execute_command(
+                "CLUSTER", "SLOTS"):
+            for slot in range(int(start), int(end) + 1):
+                owners[slot] = int(primary[1])
+        return owners
 
     def running(self) -> list[int]:
         return [p for p in self.ports if p in self.pids]

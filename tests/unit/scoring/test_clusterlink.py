@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from scoring import keys, redisconn
 from scoring.clusterlink import ClusterLink, command_key
 from scoring.config import Config
+from scoring.model import Action, CallAttempt, Decision
 from scoring.redisconn import ClusterUrl
-from scoring.store import RedisUnavailable, Store, pack
+from scoring.store import RedisUnavailable, Store, last_caller_key, pack
 from tests.redis_cluster import ClusterSet
 from tests.tls_certs import TestCa
 from tests.unit.scoring.support import attempt
@@ -283,3 +285,49 @@ def test_a_plain_server_behind_a_cluster_url_is_unavailable(redis_url: str) -> N
     with pytest.raises(RedisUnavailable, match="cluster support disabled"):
         store.observe(attempt(), Config.defaults(), now=NOW)
     store.close()
+
+
+def _masters_of(a: CallAttempt, owners: dict[int, int]) -> set[int]:
+    """The masters an INVITE's observe round trip touches."""
+    tags = [keys.tag("ip", a.source_ip), keys.tag("caller", a.caller_key),
+            keys.tag("callee", a.callee_key), keys.CONFIG_VERSION,
+            last_caller_key(a.ruri_user)]
+    return {owners[key_slot(t.encode())] for t in tags}
+
+
+def test_one_dead_master_fails_open_only_the_invites_that_need_it(tmp_path: Path) -> None:
+    """Per-master fail-open: with cluster-require-full-coverage no the other masters go on
+    serving their slots; INVITEs whose keys all live there are still scored while the dead
+    master's are relayed unscored, fast (it is marked down, not dialled per INVITE)."""
+    cluster = ClusterSet(tmp_path / "cluster", timeout_ms=500,
+                         extra=["--cluster-require-full-coverage", "no"])
+    try:
+        cluster.start()
+        owners = cluster.slot_owners()
+        cfg_master = owners[key_slot(keys.CONFIG_VERSION.encode())]
+        victim = next(p for p in cluster.running() if p != cfg_master)
+        candidates = [attempt(source_ip=f"198.51.100.{i}", from_user=f"+1555013{i:04d}",
+                              ruri_user=f"+1555023{i:04d}") for i in range(200)]
+        spared = [a for a in candidates if victim not in _masters_of(a, owners)]
+        hit = [a for a in candidates if victim in _masters_of(a, owners)]
+        assert spared and hit
+        store = Store(cluster.url, timeout=0.3, retry_after=30)
+        cfg = Config.defaults()
+        for a in (spared[0], hit[0]):
+            assert store.observe(a, cfg, now=NOW).available
+        cluster.kill(victim)
+        with pytest.raises(RedisUnavailable):
+            store.observe(hit[0], cfg, now=NOW)
+        t0 = time.monotonic()
+        for a in hit[1:6]:  # marked down: no connect attempt per INVITE
+            with pytest.raises(RedisUnavailable, match="marked down"):
+                store.observe(a, cfg, now=NOW)
+        assert time.monotonic() - t0 < 1.0
+        for a in spared[:5]:  # the store as a whole is not marked down
+            sig = store.observe(a, cfg, now=NOW)
+            assert sig.available and sig.ip_rate[10] >= 1.0
+        assert store.observe(spared[0], cfg, now=NOW).ip_rate[10] == 3.0  # counting went on
+        store.record(spared[0], Decision(Action.RELAY, 0.1), now=NOW)  # deferred, may be dropped
+        store.close()
+    finally:
+        cluster.stop()
