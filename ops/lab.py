@@ -756,10 +756,10 @@ def _validate_up(
         from scoring import redisconn
 
         scheme = urlsplit(redis_url).scheme
-        special = ("redis+sentinel", *redisconn.CLUSTER_SCHEMES)
+        special = (*redisconn.SENTINEL_SCHEMES, *redisconn.CLUSTER_SCHEMES)
         if scheme not in ("redis", "rediss", "unix", *special):
-            raise LabError("--redis must be a redis://, rediss://, unix://, redis+sentinel://, "
-                           "redis+cluster:// or rediss+cluster:// URL, not "
+            raise LabError("--redis must be a redis://, rediss://, unix://, redis[s]+sentinel:// "
+                           "or redis[s]+cluster:// URL, not "
                            f"{redisconn.redacted(redis_url)!r}")
         if scheme in special:
             try:

@@ -11,7 +11,8 @@ the delivery worker, the lab) opens Redis through this module, so one URL form w
   [?sentinel_username=U&sentinel_password=P&sentinel_timeout=S]``: the listed sentinels
   (default port 26379) are asked for the current master of ``service``. The credentials are
   those of the data nodes (the master and its replicas), like in ``redis://``; sentinels that
-  need their own are given in the query;
+  need their own are given in the query; ``rediss+sentinel://`` is the same over TLS, to the
+  sentinels and the data nodes, with the TLS options of ``rediss+cluster://`` in the query;
 * ``redis+cluster://[user:password@]host[:port][,host[:port]...][/]``: a Redis Cluster; the
   listed nodes (default port 6379) are only the seeds from which the slot map is learnt, any one
   that answers will do. A cluster has only database 0. ``rediss+cluster://...[?ssl_ca_certs=F
@@ -39,19 +40,23 @@ import redis.asyncio.cluster as acluster
 import redis.asyncio.sentinel as asentinel
 import redis.cluster
 import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 CLUSTER_SCHEME = "redis+cluster"
 CLUSTER_TLS_SCHEME = "rediss+cluster"
 CLUSTER_SCHEMES = (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)
 CLUSTER_PORT = 6379
 SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_TLS_SCHEME = "rediss+sentinel"
+SENTINEL_SCHEMES = (SENTINEL_SCHEME, SENTINEL_TLS_SCHEME)
 SENTINEL_PORT = 26379
 _SERVICE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _QUERY_KEYS = ("sentinel_username", "sentinel_password", "sentinel_timeout")
 
 
 def is_sentinel(url: str) -> bool:
-    return url.split("://", 1)[0].lower() == SENTINEL_SCHEME
+    return url.split("://", 1)[0].lower() in SENTINEL_SCHEMES
 
 
 def is_cluster(url: str) -> bool:
@@ -79,6 +84,27 @@ def _netloc(hosts: tuple[tuple[str, int], ...], username: str, password: str) ->
 #: TLS options of a ``rediss+cluster://`` URL (query), as redis-py's SSL connections take them
 _TLS_QUERY = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
               "ssl_check_hostname")
+
+
+def _tls_options(params: dict[str, list[str]]) -> tuple[tuple[str, str], ...]:
+    """The `_TLS_QUERY` options of a parsed query, validated (ValueError names the wrong one)."""
+    options = tuple((k, params[k][-1]) for k in _TLS_QUERY if k in params)
+    for k, v in options:
+        if k == "ssl_cert_reqs" and v not in ("required", "optional", "none"):
+            raise ValueError("ssl_cert_reqs must be required, optional or none")
+        if k == "ssl_check_hostname" and v.lower() not in ("true", "false"):
+            raise ValueError("ssl_check_hostname must be true or false")
+        if k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and not v:
+            raise ValueError(f"{k} needs a file path")
+    return options
+
+
+def _tls_kwargs(options: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    return {k: v.lower() == "true" if k == "ssl_check_hostname" else v for k, v in options}
+
+
+def _tls_query(options: tuple[tuple[str, str], ...]) -> list[str]:
+    return [f"{k}={quote(v, safe='/')}" for k, v in options]
 
 
 @dataclass(frozen=True)
@@ -119,20 +145,12 @@ class ClusterUrl:
         if unknown:
             raise ValueError(f"unknown cluster URL parameter {unknown[0][:40]!r} "
                              f"(known: {', '.join(_TLS_QUERY)})")
-        options = tuple((k, params[k][-1]) for k in _TLS_QUERY if k in params)
-        for k, v in options:
-            if k == "ssl_cert_reqs" and v not in ("required", "optional", "none"):
-                raise ValueError("ssl_cert_reqs must be required, optional or none")
-            if k == "ssl_check_hostname" and v.lower() not in ("true", "false"):
-                raise ValueError("ssl_check_hostname must be true or false")
-            if k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and not v:
-                raise ValueError(f"{k} needs a file path")
-        return cls(nodes, username, password, tls, options)
+        return cls(nodes, username, password, tls, _tls_options(params))
 
     def with_credentials(self, username: str, password: str) -> str:
         """This URL with other credentials (e.g. a role's ACL user)."""
         scheme = CLUSTER_TLS_SCHEME if self.tls else CLUSTER_SCHEME
-        query = "&".join(f"{k}={quote(v, safe='/')}" for k, v in self.tls_options)
+        query = "&".join(_tls_query(self.tls_options))
         return (f"{scheme}://{_netloc(self.nodes, username, password)}/0"
                 + (f"?{query}" if query else ""))
 
@@ -143,8 +161,8 @@ class ClusterUrl:
             kw.setdefault("username", self.username)
         if self.password:
             kw.setdefault("password", self.password)
-        for k, v in self.tls_options:
-            kw.setdefault(k, v.lower() == "true" if k == "ssl_check_hostname" else v)
+        for k, v in _tls_kwargs(self.tls_options).items():
+            kw.setdefault(k, v)
         return kw
 
     def redis_kwargs(self, **kwargs: Any) -> dict[str, Any]:
@@ -174,7 +192,8 @@ class ClusterUrl:
 
 @dataclass(frozen=True)
 class SentinelUrl:
-    """A parsed ``redis+sentinel://`` URL."""
+    """A parsed ``redis+sentinel://`` or ``rediss+sentinel://`` (TLS to the sentinels and the
+    data nodes) URL."""
 
     sentinels: tuple[tuple[str, int], ...]
     service: str
@@ -185,13 +204,17 @@ class SentinelUrl:
     sentinel_password: str | None = None
     #: socket timeout towards the sentinels (None: the data connection's)
     sentinel_timeout: float | None = None
+    tls: bool = False
+    #: (name, value) pairs of `_TLS_QUERY`, for the sentinels and the data nodes alike
+    tls_options: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, url: str) -> SentinelUrl:
         """Parse; raises ValueError naming the part that is wrong (never echoes a password)."""
         scheme, sep, rest = url.partition("://")
-        if not sep or scheme.lower() != SENTINEL_SCHEME:
-            raise ValueError(f"not a {SENTINEL_SCHEME}:// URL")
+        if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+            raise ValueError(f"not a {SENTINEL_SCHEME}:// or {SENTINEL_TLS_SCHEME}:// URL")
+        tls = scheme.lower() == SENTINEL_TLS_SCHEME
         rest, _, query = rest.partition("?")
         if "#" in rest or "#" in query:
             raise ValueError("a Redis URL has no fragment ('#')")
@@ -214,10 +237,13 @@ class SentinelUrl:
                              f"not {db_text[:20]!r}")
         db = int(db_text) if db_text else 0
         params = parse_qs(query, keep_blank_values=True, strict_parsing=False) if query else {}
-        unknown = sorted(set(params) - set(_QUERY_KEYS))
+        known = (*_QUERY_KEYS, *(_TLS_QUERY if tls else ()))
+        unknown = sorted(set(params) - set(known))
         if unknown:
+            hint = (f"; TLS options belong to {SENTINEL_TLS_SCHEME}://"
+                    if not tls and unknown[0] in _TLS_QUERY else "")
             raise ValueError(f"unknown sentinel URL parameter {unknown[0][:40]!r} "
-                             f"(known: {', '.join(_QUERY_KEYS)})")
+                             f"(known: {', '.join(known)}){hint}")
         one = {k: v[-1] for k, v in params.items()}
         timeout = None
         if "sentinel_timeout" in one:
@@ -229,20 +255,26 @@ class SentinelUrl:
                 raise ValueError("sentinel_timeout must be seconds in (0, 60]")
         return cls(sentinels, service, db, username, password,
                    one.get("sentinel_username") or None, one.get("sentinel_password") or None,
-                   timeout)
+                   timeout, tls, _tls_options(params) if tls else ())
 
     def with_credentials(self, username: str, password: str) -> str:
         """This URL with other data-node credentials (e.g. a role's ACL user)."""
-        query = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in (
+        query = "&".join([f"{k}={quote(str(v), safe='')}" for k, v in (
             ("sentinel_username", self.sentinel_username),
             ("sentinel_password", self.sentinel_password),
-            ("sentinel_timeout", self.sentinel_timeout)) if v is not None)
-        return (f"{SENTINEL_SCHEME}://{_netloc(self.sentinels, username, password)}"
+            ("sentinel_timeout", self.sentinel_timeout)) if v is not None]
+            + _tls_query(self.tls_options))
+        scheme = SENTINEL_TLS_SCHEME if self.tls else SENTINEL_SCHEME
+        return (f"{scheme}://{_netloc(self.sentinels, username, password)}"
                 f"/{self.service}/{self.db}"
                 + (f"?{query}" if query else ""))
 
     def _sentinel_kwargs(self, socket_timeout: float | None) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
+        # No retries towards a sentinel: redis-py's clients retry a refused connection three
+        # times with exponential back-off (about 4 s per dead sentinel, measured), which a
+        # Kamailio child would spend on an INVITE at every reconnection; the next sentinel in
+        # the list is the retry.
+        kw: dict[str, Any] = {"retry": Retry(NoBackoff(), 0)}
         timeout = self.sentinel_timeout if self.sentinel_timeout is not None else socket_timeout
         if timeout is not None:
             kw["socket_timeout"] = kw["socket_connect_timeout"] = timeout
@@ -250,6 +282,8 @@ class SentinelUrl:
             kw["username"] = self.sentinel_username
         if self.sentinel_password:
             kw["password"] = self.sentinel_password
+        if self.tls:
+            kw.update(ssl=True, **_tls_kwargs(self.tls_options))
         return kw
 
     def _data_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -259,6 +293,10 @@ class SentinelUrl:
             kw.setdefault("username", self.username)
         if self.password:
             kw.setdefault("password", self.password)
+        if self.tls:
+            kw.setdefault("ssl", True)
+            for k, v in _tls_kwargs(self.tls_options).items():
+                kw.setdefault(k, v)
         return kw
 
     def sentinel(self, **kwargs: Any) -> redis.sentinel.Sentinel:

@@ -18,7 +18,7 @@ import redis
 
 from ops.lab import REDIS_EXPECT, redis_argv
 from ops.procs import free_port, pid_alive, redis_ping, start_process, stop_pid, wait_until
-from tests.tls_certs import TestCa
+from tests.tls_certs import RedisTls
 
 
 def cluster_port() -> int:
@@ -50,8 +50,8 @@ class ClusterSet:
     tls: bool = False
     ports: list[int] = field(default_factory=list)
     pids: dict[int, int] = field(default_factory=dict)
-    #: with ``tls``: ca, server (cert, key), client (cert, key) files
-    files: dict[str, Path] = field(default_factory=dict)
+    #: with ``tls``: the certificates
+    certs: RedisTls | None = None
     #: more redis-server arguments for every node
     extra: list[str] = field(default_factory=list)
 
@@ -62,36 +62,19 @@ class ClusterSet:
         hosts = f"127.0.0.1:{dead},127.0.0.1:{self.ports[0]}"
         if not self.tls:
             return f"redis+cluster://{hosts}"
-        return f"rediss+cluster://{hosts}/0?ssl_ca_certs={self.files['ca']}"
-
-    def _make_certs(self) -> None:
-        ca = TestCa("spitwall redis test CA")
-        pki = self.workdir / "pki"
-        pki.mkdir(parents=True, exist_ok=True)
-        self.files["ca"] = ca.write(pki)
-        server = ca.issue("redis.test", dns=["localhost"], ips=["127.0.0.1"]).write(pki, "server")
-        client = ca.issue("redis-node", client=True).write(pki, "client")
-        self.files.update(server_cert=server.cert, server_key=server.key,
-                          client_cert=client.cert, client_key=client.key)
-
-    def _tls_args(self) -> list[str]:
-        f = self.files
-        return ["--tls-cert-file", str(f["server_cert"]), "--tls-key-file", str(f["server_key"]),
-                "--tls-client-cert-file", str(f["client_cert"]),
-                "--tls-client-key-file", str(f["client_key"]),
-                "--tls-ca-cert-file", str(f["ca"]), "--tls-auth-clients", "optional",
-                "--tls-cluster", "yes", "--tls-replication", "yes"]
+        assert self.certs is not None
+        return f"rediss+cluster://{hosts}/0?ssl_ca_certs={self.certs.ca}"
 
     def start(self) -> None:
         if self.tls:
-            self._make_certs()
+            self.certs = RedisTls.make(self.workdir / "pki")
         for _ in range(self.masters * (1 + self.replicas)):
             port = cluster_port()
             self.ports.append(port)
             self.start_node(port)
-        cli_tls = (["--tls", "--cacert", str(self.files["ca"]), "--cert",
-                    str(self.files["client_cert"]), "--key", str(self.files["client_key"])]
-                   if self.tls else [])
+        cli_tls = (["--tls", "--cacert", str(self.certs.ca), "--cert",
+                    str(self.certs.client.cert), "--key", str(self.certs.client.key)]
+                   if self.certs else [])
         subprocess.run(["redis-cli", *cli_tls, "--cluster", "create",
                         *[f"127.0.0.1:{p}" for p in self.ports],
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
@@ -104,8 +87,9 @@ class ClusterSet:
         argv = [*redis_argv(wd, port), "--cluster-enabled", "yes",
                 "--cluster-config-file", str(wd / "nodes.conf"),
                 "--cluster-node-timeout", str(self.timeout_ms)]
-        if self.tls:  # TLS only: the plain port is closed
-            argv = [*argv, "--port", "0", "--tls-port", str(port), *self._tls_args()]
+        if self.certs:  # TLS only: the plain port is closed
+            argv = [*argv, "--port", "0", "--tls-port", str(port), *self.certs.server_args(),
+                    "--tls-cluster", "yes"]
         argv += self.extra
         self.pids[port] = start_process(argv, wd / "out.log", cwd=wd)
         assert wait_until(lambda: self._ping(port), 10), f"{port} not up"
@@ -119,9 +103,9 @@ class ClusterSet:
             return False
 
     def node(self, port: int) -> redis.Redis:
-        if self.tls:
+        if self.certs:
             return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, ssl=True,
-                               ssl_ca_certs=str(self.files["ca"]))
+                               ssl_ca_certs=str(self.certs.ca))
         return redis.Redis(port=port, socket_timeout=2)
 
     def healthy(self) -> bool:

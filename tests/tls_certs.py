@@ -111,3 +111,34 @@ class TestCa:
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return Leaf(builder.sign(self.key, hashes.SHA256()), key)
+
+
+@dataclass(frozen=True)
+class RedisTls:
+    """Certificates for redis-server processes that speak only TLS (a CA, a server certificate
+    for 127.0.0.1/localhost, a client certificate for the servers' own links: replication, the
+    cluster bus, sentinel to master)."""
+
+    ca: Path
+    server: Paths
+    client: Paths
+
+    @classmethod
+    def make(cls, directory: Path) -> RedisTls:
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = TestCa("spitwall redis test CA")
+        return cls(ca.write(directory),
+                   ca.issue("redis.test", dns=["localhost"], ips=["127.0.0.1"]).write(
+                       directory, "server"),
+                   ca.issue("redis-node", client=True).write(directory, "client"))
+
+    def server_args(self) -> list[str]:
+        """redis-server options (without the ports) for TLS on every link."""
+        return ["--tls-cert-file", str(self.server.cert), "--tls-key-file", str(self.server.key),
+                "--tls-client-cert-file", str(self.client.cert),
+                "--tls-client-key-file", str(self.client.key),
+                "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "optional",
+                "--tls-replication", "yes"]
+
+    def client_kwargs(self) -> dict[str, object]:
+        return {"ssl": True, "ssl_ca_certs": str(self.ca)}

@@ -9,6 +9,7 @@ recorded there again, with no restart of anything.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
@@ -23,8 +24,12 @@ import redis
 from ops.lab import REDIS_EXPECT, redis_argv
 from ops.procs import free_port, pid_alive, redis_ping, start_process, stop_pid, wait_until
 from ops.sipp import run_uac
-from scoring.store import find_decision
+from scoring import keys, redisconn
+from scoring.config import Config
+from scoring.store import RedisUnavailable, Store, find_decision
 from tests.integration.helpers import children_of, rig, rows, spitwall
+from tests.tls_certs import RedisTls
+from tests.unit.scoring.support import attempt
 
 pytestmark = pytest.mark.integration
 
@@ -40,26 +45,43 @@ class SentinelSet:
     replica_port: int = 0
     sentinel_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
+    #: TLS only, on every link (clients, replication, sentinel to the data nodes)
+    tls: bool = False
+    certs: RedisTls | None = None
 
     @property
     def url(self) -> str:
         # the first sentinel address has nobody listening: discovery must go on to the next
         dead = free_port("127.0.0.1", "tcp")
-        return f"redis+sentinel://127.0.0.1:{dead},127.0.0.1:{self.sentinel_port}/{SERVICE}/0"
+        hosts = f"127.0.0.1:{dead},127.0.0.1:{self.sentinel_port}/{SERVICE}/0"
+        if self.certs is None:
+            return f"redis+sentinel://{hosts}"
+        return f"rediss+sentinel://{hosts}?ssl_ca_certs={self.certs.ca}"
+
+    def client(self, port: int) -> redis.Redis:
+        tls: dict[str, Any] = self.certs.client_kwargs() if self.certs else {}
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, **tls)
 
     def start(self) -> None:
+        if self.tls:
+            self.certs = RedisTls.make(self.workdir / "pki")
         self.master_port = free_port("127.0.0.1", "tcp")
         self._redis("master", self.master_port, [])
         self.replica_port = free_port("127.0.0.1", "tcp")
         self._redis("replica", self.replica_port,
                     ["--replicaof", "127.0.0.1", str(self.master_port)])
-        replica = redis.Redis(port=self.replica_port, socket_timeout=2)
+        replica = self.client(self.replica_port)
         assert wait_until(
             lambda: replica.info("replication").get("master_link_status") == "up", 10)
         self.sentinel_port = free_port("127.0.0.1", "tcp")
         conf = self.workdir / "sentinel.conf"
+        listen = ([f"port {self.sentinel_port}"] if self.certs is None else
+                  ["port 0", f"tls-port {self.sentinel_port}",
+                   *(f"{k.lstrip('-')} {v}" for k, v in zip(
+                       self.certs.server_args()[::2], self.certs.server_args()[1::2],
+                       strict=True))])
         conf.write_text("\n".join([
-            f"port {self.sentinel_port}", "bind 127.0.0.1", "daemonize no",
+            *listen, "bind 127.0.0.1", "daemonize no",
             f"dir {self.workdir}", f"logfile {self.workdir / 'sentinel.log'}",
             f"sentinel monitor {SERVICE} 127.0.0.1 {self.master_port} 1",
             f"sentinel down-after-milliseconds {SERVICE} 500",
@@ -68,19 +90,30 @@ class SentinelSet:
         ]))
         self.pids["sentinel"] = start_process(["redis-server", str(conf), "--sentinel"],
                                               self.workdir / "sentinel.out", cwd=self.workdir)
-        sentinel = redis.Redis(port=self.sentinel_port, socket_timeout=2)
-        assert wait_until(lambda: redis_ping("127.0.0.1", self.sentinel_port, 0.5), 10)
+        sentinel = self.client(self.sentinel_port)
+        assert wait_until(lambda: self._ping(self.sentinel_port), 10)
         # the sentinel must know the replica before it can promote it
         assert wait_until(lambda: len(sentinel.sentinel_slaves(SERVICE)) == 1, 15)
 
     def _redis(self, name: str, port: int, extra: list[str]) -> None:
         wd = self.workdir / name
         wd.mkdir(parents=True, exist_ok=True)
-        self.pids[name] = start_process([*redis_argv(wd, port), *extra], wd / "out.log", cwd=wd)
-        assert wait_until(lambda: redis_ping("127.0.0.1", port, 0.5), 10), f"{name} not up"
+        tls = (["--port", "0", "--tls-port", str(port), *self.certs.server_args()]
+               if self.certs else [])
+        self.pids[name] = start_process([*redis_argv(wd, port), *tls, *extra], wd / "out.log",
+                                        cwd=wd)
+        assert wait_until(lambda: self._ping(port), 10), f"{name} not up"
+
+    def _ping(self, port: int) -> bool:
+        if self.certs is None:
+            return redis_ping("127.0.0.1", port, 0.5)
+        try:
+            return bool(self.client(port).ping())
+        except (redis.RedisError, OSError):
+            return False
 
     def master(self) -> int:
-        sentinel = redis.Redis(port=self.sentinel_port, socket_timeout=2)
+        sentinel = self.client(self.sentinel_port)
         addr = sentinel.sentinel_get_master_addr_by_name(SERVICE)
         assert isinstance(addr, tuple), addr
         return int(addr[1])
@@ -185,3 +218,53 @@ def test_lab_refuses_a_malformed_sentinel_url(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert "service name" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "lab" / "lab.json").exists()
+
+
+def test_tls_sentinel_store_clients_and_failover(tmp_path: Path) -> None:
+    """rediss+sentinel://: TLS to the sentinel and to the data nodes, certificates verified;
+    the store scores, fails open when the master dies and follows the promoted replica; the
+    redis-py clients work; a wrong CA fails open."""
+    s = SentinelSet(tmp_path / "sentinel", tls=True)
+    s.workdir.mkdir()
+    try:
+        s.start()
+        url = s.url
+        assert url.startswith("rediss+sentinel://")
+        store = Store(url, timeout=0.5, retry_after=0.2)
+        cfg = Config.defaults()
+        a = attempt(source_ip="203.0.113.77")
+        assert store.observe(a, cfg).available
+        client = redisconn.client(url, socket_timeout=2)
+        assert client.exists(keys.tag("ip", "203.0.113.77") + ":rep") in (0, 1)
+        assert client.ping()
+        client.close()
+
+        async def via_asyncio() -> bool:
+            ac = redisconn.async_client(url, socket_timeout=2)
+            try:
+                return bool(await ac.ping())
+            finally:
+                await ac.aclose()
+
+        assert asyncio.run(via_asyncio())
+        s.kill_master()
+        with pytest.raises(RedisUnavailable):
+            store.observe(a, cfg)
+        assert wait_until(lambda: s.master() == s.replica_port, 20), "no promotion"
+        scored = False
+        deadline = time.monotonic() + 15
+        while not scored and time.monotonic() < deadline:
+            try:
+                scored = store.observe(a, cfg).available
+            except RedisUnavailable:
+                time.sleep(0.2)
+        assert scored, "scoring did not resume on the promoted replica over TLS"
+        store.close()
+        assert s.certs is not None
+        other = RedisTls.make(tmp_path / "other")
+        wrong = Store(url.replace(str(s.certs.ca), str(other.ca)), timeout=0.5, retry_after=5)
+        with pytest.raises(RedisUnavailable):
+            wrong.observe(a, cfg)
+        wrong.close()
+    finally:
+        s.stop()

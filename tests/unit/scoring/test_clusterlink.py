@@ -264,7 +264,8 @@ def test_tls_cluster_verified_end_to_end(tmp_path: Path) -> None:
             n.close()
 
         other_ca = TestCa("some other CA").write(tmp_path, "other")
-        wrong = url.replace(str(cluster.files["ca"]), str(other_ca))
+        assert cluster.certs is not None
+        wrong = url.replace(str(cluster.certs.ca), str(other_ca))
         plain = url.replace("rediss+cluster://", "redis+cluster://").split("/0?")[0]
         for bad in (wrong, plain):
             s = Store(bad, timeout=0.5, retry_after=5)
