@@ -40,6 +40,7 @@ import redis.asyncio.cluster as acluster
 import redis.asyncio.sentinel as asentinel
 import redis.cluster
 import redis.sentinel
+from redis.asyncio.retry import Retry as ARetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -269,12 +270,13 @@ class SentinelUrl:
                 f"/{self.service}/{self.db}"
                 + (f"?{query}" if query else ""))
 
-    def _sentinel_kwargs(self, socket_timeout: float | None) -> dict[str, Any]:
+    def _sentinel_kwargs(self, socket_timeout: float | None, *,
+                         asyncio: bool = False) -> dict[str, Any]:
         # No retries towards a sentinel: redis-py's clients retry a refused connection three
         # times with exponential back-off (about 4 s per dead sentinel, measured), which a
         # Kamailio child would spend on an INVITE at every reconnection; the next sentinel in
         # the list is the retry.
-        kw: dict[str, Any] = {"retry": Retry(NoBackoff(), 0)}
+        kw: dict[str, Any] = {"retry": (ARetry if asyncio else Retry)(NoBackoff(), 0)}
         timeout = self.sentinel_timeout if self.sentinel_timeout is not None else socket_timeout
         if timeout is not None:
             kw["socket_timeout"] = kw["socket_connect_timeout"] = timeout
@@ -308,7 +310,7 @@ class SentinelUrl:
     def async_sentinel(self, **kwargs: Any) -> asentinel.Sentinel:
         return asentinel.Sentinel(  # type: ignore[no-untyped-call]
             list(self.sentinels),
-            sentinel_kwargs=self._sentinel_kwargs(kwargs.get("socket_timeout")),
+            sentinel_kwargs=self._sentinel_kwargs(kwargs.get("socket_timeout"), asyncio=True),
             **self._data_kwargs(kwargs))
 
 

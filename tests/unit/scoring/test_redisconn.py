@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 import redis
+import redis.asyncio.sentinel
 import redis.sentinel
 
 from scoring import redisconn
@@ -180,3 +182,18 @@ def test_a_dead_sentinel_is_skipped_at_once() -> None:
         u.sentinel(socket_timeout=0.2,
                    socket_connect_timeout=0.2).discover_master("svc")  # type: ignore[no-untyped-call]
     assert time.monotonic() - t0 < 1.0  # was 8 s for these two dead sentinels
+
+
+def test_a_dead_sentinel_is_skipped_at_once_by_asyncio_clients_too() -> None:
+    u = SentinelUrl.parse("redis+sentinel://127.0.0.1:1,127.0.0.1:2/svc/0")
+    sentinel = u.async_sentinel(socket_timeout=0.2, socket_connect_timeout=0.2)
+    assert all(type(s.get_retry()).__module__ == "redis.asyncio.retry"
+               for s in sentinel.sentinels)
+
+    async def discover() -> None:
+        await sentinel.discover_master("svc")
+
+    t0 = time.monotonic()
+    with pytest.raises(redis.asyncio.sentinel.MasterNotFoundError):
+        asyncio.run(discover())
+    assert time.monotonic() - t0 < 1.0
