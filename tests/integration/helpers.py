@@ -7,13 +7,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ops.lab import Lab
-from ops.sipp import UasProcess, free_udp_port, start_uas
+from ops.sipp import UasProcess, free_udp_port, run_uac, start_uas
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,3 +121,23 @@ def send_all(port: int, messages: list[bytes], src_port: int,
             except TimeoutError:
                 pass
     return replies
+
+
+def kill_switch_reaches_the_proxy(r: Rig, url: str, source: str, timeout: float = 15) -> bool:
+    """Set ``enabled false`` through ``url`` and call from ``source`` until two calls in a row
+    are relayed without X-Spitwall-Score (after a Redis failover, a child that has had no call
+    since still holds a dead connection: its first INVITE fails open, scored without Redis,
+    and it reconnects a second later). Every call must be relayed."""
+    assert spitwall("config", "set", "enabled", "false", redis_url=url).returncode == 0
+    unscored = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and unscored < 2:
+        off = run_uac(r.host, r.port, source, 1, 5, rows(1))
+        assert off.count(200) == 1, off.summary()
+        relayed = {m.call_id: m for m in r.next_hop.invite_messages()}
+        cid = next(iter(off.outcomes))
+        assert cid in relayed
+        unscored = 0 if relayed[cid].headers("X-Spitwall-Score") else unscored + 1
+        if not unscored:
+            time.sleep(0.5)
+    return unscored == 2

@@ -23,7 +23,13 @@ import redis
 from ops.sipp import run_uac
 from scoring import keys, redisconn
 from scoring.store import find_decision
-from tests.integration.helpers import children_of, rig, rows, spitwall
+from tests.integration.helpers import (
+    children_of,
+    kill_switch_reaches_the_proxy,
+    rig,
+    rows,
+    spitwall,
+)
 from tests.redis_cluster import ClusterSet
 
 pytestmark = pytest.mark.integration
@@ -124,19 +130,8 @@ def test_lab_runs_on_a_cluster_through_reshard_and_failover(cluster: ClusterSet,
         assert children_of(r.kamailio_pid) == workers, "a Kamailio child died"
 
         # live tuning on the promoted master reaches the proxy: the kill switch
-        assert spitwall("config", "set", "enabled", "false", redis_url=url).returncode == 0
-        unscored = 0
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and unscored < 2:
-            off = run_uac(r.host, r.port, "127.0.10.6", 1, 5, rows(1))
-            assert off.count(200) == 1, off.summary()
-            relayed = {m.call_id: m for m in r.next_hop.invite_messages()}
-            cid = next(iter(off.outcomes))
-            assert cid in relayed
-            unscored = 0 if relayed[cid].headers("X-Spitwall-Score") else unscored + 1
-            if not unscored:
-                time.sleep(0.5)
-        assert unscored == 2, "the kill switch set on the cluster did not reach the proxy"
+        assert kill_switch_reaches_the_proxy(r, url, "127.0.10.6"), \
+            "the kill switch set on the cluster did not reach the proxy"
 
 
 def test_lab_refuses_a_malformed_cluster_url(tmp_path: Path) -> None:

@@ -27,7 +27,13 @@ from ops.sipp import run_uac
 from scoring import keys, redisconn
 from scoring.config import Config
 from scoring.store import RedisUnavailable, Store, find_decision
-from tests.integration.helpers import children_of, rig, rows, spitwall
+from tests.integration.helpers import (
+    children_of,
+    kill_switch_reaches_the_proxy,
+    rig,
+    rows,
+    spitwall,
+)
 from tests.tls_certs import RedisTls
 from tests.unit.scoring.support import attempt
 
@@ -193,23 +199,9 @@ def test_lab_runs_on_sentinel_and_survives_a_failover(sentinels: SentinelSet,
                 time.sleep(0.5)
         assert scored, "no call was scored against the promoted replica"
         assert children_of(r.kamailio_pid) == workers, "a Kamailio child died"
-        # live tuning through Sentinel reaches the proxy: the kill switch stops scoring. (A
-        # child that has had no call since the kill still holds a dead connection: its first
-        # INVITE fails open, scored without Redis, and it retries a second later; hence the
-        # loop until two calls in a row are relayed unscored.)
-        assert spitwall("config", "set", "enabled", "false", redis_url=url).returncode == 0
-        unscored = 0
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and unscored < 2:
-            off = run_uac(r.host, r.port, "127.0.9.4", 1, 5, rows(1))
-            assert off.count(200) == 1, off.summary()
-            relayed = {m.call_id: m for m in r.next_hop.invite_messages()}
-            cid = next(iter(off.outcomes))
-            assert cid in relayed
-            unscored = 0 if relayed[cid].headers("X-Spitwall-Score") else unscored + 1
-            if not unscored:
-                time.sleep(0.5)
-        assert unscored == 2, "the kill switch set through Sentinel did not reach the proxy"
+        # live tuning through Sentinel reaches the proxy: the kill switch stops scoring
+        assert kill_switch_reaches_the_proxy(r, url, "127.0.9.4"), \
+            "the kill switch set through Sentinel did not reach the proxy"
 
 
 def test_lab_refuses_a_malformed_sentinel_url(tmp_path: Path) -> None:
