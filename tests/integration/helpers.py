@@ -141,3 +141,12 @@ def kill_switch_reaches_the_proxy(r: Rig, url: str, source: str, timeout: float 
         if not unscored:
             time.sleep(0.5)
     return unscored == 2
+
+
+def lab_refuses_url(workdir: Path, url: str, message: str) -> None:
+    """`spitwall lab up --redis URL` fails with one line naming ``message``, nothing started."""
+    out = spitwall("lab", "up", "--workdir", str(workdir), "--redis", url,
+                   redis_url="redis://127.0.0.1:1/0")
+    assert out.returncode != 0
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (workdir / "lab.json").exists()

@@ -26,6 +26,7 @@ from scoring.store import find_decision
 from tests.integration.helpers import (
     children_of,
     kill_switch_reaches_the_proxy,
+    lab_refuses_url,
     rig,
     rows,
     spitwall,
@@ -135,11 +136,7 @@ def test_lab_runs_on_a_cluster_through_reshard_and_failover(cluster: ClusterSet,
 
 
 def test_lab_refuses_a_malformed_cluster_url(tmp_path: Path) -> None:
-    out = spitwall("lab", "up", "--workdir", str(tmp_path / "lab"), "--redis",
-                   "redis+cluster://127.0.0.1:1/3", redis_url="redis://127.0.0.1:1/0")
-    assert out.returncode != 0
-    assert "only database 0" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "lab" / "lab.json").exists()
+    lab_refuses_url(tmp_path / "lab", "redis+cluster://127.0.0.1:1/3", "only database 0")
 
 
 def test_kamailio_scores_on_a_tls_cluster_through_its_define(tmp_path: Path,

@@ -34,8 +34,8 @@ from intercept import names
 from ops.lab import Lab
 from scoring import redisconn, reputation
 from tests.integration.helpers import spitwall
-from tests.integration.test_intercept_e2e import _ip, _recorder, _srtp_check
-from tests.integration.test_intercept_proxy import SUITE, attr, new_key, sdes, srtp_call, srtp_uas
+from tests.integration.test_intercept_e2e import _ip, _recorder, check_published_call
+from tests.integration.test_intercept_proxy import new_key, sdes, srtp_call, srtp_uas
 from tests.integration.test_media import BOT_TEXT, call, queue, ulaw_wav
 from tests.redis_cluster import ClusterSet
 
@@ -188,15 +188,7 @@ def test_delivery_worker_on_a_cluster_publishes_a_targets_keys(
         events = rec.events
     finally:
         rec.stop()
-    assert {e.method for e in events} == {"PUBLISH"}
-    assert all(e.header("Event") == "srtp" for e in events)
-    kinds = [e.json()["event"] if e.content_type == "application/json" else "Keys"
-             for e in events]
-    assert kinds == ["Origination", "Keys", "Answer", "Release"]
-    keys_body = next(e.text for e in events if e.content_type == "application/sdp")
-    assert f"a=x-call-id:{call_id}" in keys_body and f"a=x-liid:{liid}" in keys_body
-    _srtp_check(keys_body, k_caller, 1111)
-    assert attr(keys_body, "rcrypto") == [f"1 {SUITE} inline:{k_callee} SSRC=2222"]
+    check_published_call(events, call_id, liid, k_caller, k_callee)
 
     # the stream and the worker's counters are on the {ev} master; all acknowledged
     ev = _node(cluster, names.EVENTS)

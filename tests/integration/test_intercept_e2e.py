@@ -58,6 +58,21 @@ def _srtp_check(keys_body: str, sender_key: str, ssrc: int) -> None:
         assert recorder.unprotect(sender.protect(rtp))[12:] == audio
 
 
+def check_published_call(events: list[Any], call_id: str, liid: str, k_caller: str,
+                         k_callee: str) -> None:
+    """The four PUBLISHes (Event: srtp) of one target call, in order; the key event names the
+    call and the case, and its keys decrypt the caller's SRTP (SSRC 1111; callee's 2222)."""
+    assert {e.method for e in events} == {"PUBLISH"}
+    assert all(e.header("Event") == "srtp" for e in events)
+    kinds = [e.json()["event"] if e.content_type == "application/json" else "Keys"
+             for e in events]
+    assert kinds == ["Origination", "Keys", "Answer", "Release"]
+    keys_body = next(e.text for e in events if e.content_type == "application/sdp")
+    assert f"a=x-call-id:{call_id}" in keys_body and f"a=x-liid:{liid}" in keys_body
+    _srtp_check(keys_body, k_caller, 1111)
+    assert attr(keys_body, "rcrypto") == [f"1 {SUITE} inline:{k_callee} SSRC=2222"]
+
+
 def _provision(lab: Lab, liid: str, target: str, deliver_to: str, pem: Path) -> None:
     assert lab.state is not None
     out = spitwall("intercept", "add", "--liid", liid, "--target", target, "--deliver-to",
@@ -97,15 +112,7 @@ def test_publish_to_the_recorder_and_decrypt_the_media(
         events = rec.events
     finally:
         rec.stop()
-    assert {e.method for e in events} == {"PUBLISH"}
-    assert all(e.header("Event") == "srtp" for e in events)
-    kinds = [e.json()["event"] if e.content_type == "application/json" else "Keys"
-             for e in events]
-    assert kinds == ["Origination", "Keys", "Answer", "Release"]
-    keys_body = next(e.text for e in events if e.content_type == "application/sdp")
-    assert f"a=x-call-id:{call_id}" in keys_body and f"a=x-liid:{liid}" in keys_body
-    _srtp_check(keys_body, k_caller, 1111)
-    assert attr(keys_body, "rcrypto") == [f"1 {SUITE} inline:{k_callee} SSRC=2222"]
+    check_published_call(events, call_id, liid, k_caller, k_callee)
     assert len({e.event_id for e in events}) == 4
 
 

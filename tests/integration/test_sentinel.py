@@ -30,6 +30,7 @@ from scoring.store import RedisUnavailable, Store, find_decision
 from tests.integration.helpers import (
     children_of,
     kill_switch_reaches_the_proxy,
+    lab_refuses_url,
     rig,
     rows,
     spitwall,
@@ -205,11 +206,7 @@ def test_lab_runs_on_sentinel_and_survives_a_failover(sentinels: SentinelSet,
 
 
 def test_lab_refuses_a_malformed_sentinel_url(tmp_path: Path) -> None:
-    out = spitwall("lab", "up", "--workdir", str(tmp_path / "lab"), "--redis",
-                   "redis+sentinel://127.0.0.1:1/", redis_url="redis://127.0.0.1:1/0")
-    assert out.returncode != 0
-    assert "service name" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "lab" / "lab.json").exists()
+    lab_refuses_url(tmp_path / "lab", "redis+sentinel://127.0.0.1:1/", "service name")
 
 
 def test_tls_sentinel_store_clients_and_failover(tmp_path: Path) -> None:
