@@ -25,6 +25,16 @@ from scoring.store import RedisUnavailable, Store
 log = logging.getLogger("spitwall.service")
 
 DISABLED_POLL = 1.0  # seconds between config-version polls while the kill switch is on
+COUNTER_FLUSH = 5.0  # seconds between flushes of a child's own counters to `spitwall stats`
+#: a child's counters that only it knows (fail-open events, refused tokens, ...) and that it
+#: adds to the shared `spitwall stats` hash. Decisions, feedback and scanner sightings are
+#: already counted in Redis with the write that records them; `li_*` counters never leave the
+#: process (intercept activity is need-to-know; the stats hash is readable by every operator).
+FLUSHED_COUNTERS = frozenset({
+    "redis_unavailable", "record_lost", "pass_token_accepted", "pass_token_refused",
+    "config_reload_failed", "lists_reload_failed", "ring_control_stripped", "relay_disabled",
+})
+FLUSHED_PREFIXES = ("check_error:",)
 
 
 class ScoringService:
@@ -38,6 +48,8 @@ class ScoringService:
         self.lists.version = -1
         self.counters: Counter[str] = Counter()
         self._last_poll = 0.0
+        self._flushed: Counter[str] = Counter()  # what `flush_counters` has sent
+        self._last_flush = time.monotonic()
         #: values of `store.watch_keys` from the latest round trip (None: not read yet)
         self.watched: tuple[str | None, ...] | None = None
 
@@ -64,6 +76,7 @@ class ScoringService:
                               half_life=self.config.get_float("reputation.half_life"), x5u_miss=x5u)
         except RedisUnavailable:
             self.counters["record_lost"] += 1
+        self.maybe_flush_counters()
         return decision
 
     def _pass(self, attempt: CallAttempt, signals: Signals, now: float) -> Decision | None:
@@ -106,10 +119,35 @@ class ScoringService:
         """Kill switch on: relay unscored, touch Redis only to poll the config version, at
         most once per `DISABLED_POLL` seconds per child."""
         self.counters["action:relay"] += 1
+        self.counters["relay_disabled"] += 1
         if now - self._last_poll >= DISABLED_POLL:
             self._last_poll = now
             self.sync()
+            self.maybe_flush_counters()
         return Decision(Action.RELAY, 0.0, rule="disabled")
+
+    def maybe_flush_counters(self) -> None:
+        """Flush at most once per `COUNTER_FLUSH` seconds (a clock read per call otherwise)."""
+        if time.monotonic() - self._last_flush >= COUNTER_FLUSH:
+            self.flush_counters()
+
+    def flush_counters(self) -> dict[str, int]:
+        """Add what this child counted since the last flush to the shared stats hash (one
+        deferred write, no wait). While Redis is down the counts wait for the next flush,
+        so calls that failed open while it was down are counted once it is back. Returns
+        what was sent."""
+        self._last_flush = time.monotonic()
+        delta = {k: n - self._flushed[k] for k, n in self.counters.items()
+                 if (k in FLUSHED_COUNTERS or k.startswith(FLUSHED_PREFIXES))
+                 and n > self._flushed[k]}
+        if not delta:
+            return {}
+        try:
+            self.store.count_many(delta)
+        except RedisUnavailable:
+            return {}
+        self._flushed.update(delta)
+        return delta
 
     def sync(self) -> None:
         """Reload config and lists now if their versions changed (one round trip; for rare

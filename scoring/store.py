@@ -306,6 +306,11 @@ class Store:
     def count(self, field: str, n: int = 1) -> None:
         self._defer([["HINCRBY", keys.STATS, field, str(n)]])
 
+    def count_many(self, fields: dict[str, int]) -> None:
+        """Add to several counters of `spitwall stats` in one deferred write."""
+        if fields:
+            self._defer([["HINCRBY", keys.STATS, k, str(n)] for k, n in sorted(fields.items())])
+
     def versions(self) -> tuple[int, int, tuple[str | None, ...]]:
         """Config and lists versions and the watched keys (polled while the kill switch is on
         and before rare requests)."""

@@ -177,6 +177,16 @@ def test_fail_open_when_redis_is_down_and_recovery(lab_factory: Any, redis_serve
 
         found = [find_decision(client, cid) for cid in res.outcomes]
         assert any(d is not None and not d["degraded"] for d in found), found
+        # the calls that failed open are counted in `spitwall stats` once Redis is back (each
+        # child flushes its own counters at most every few seconds, on its next call)
+        deadline = time.monotonic() + 20
+        unscored = 0
+        while unscored < 4 and time.monotonic() < deadline:
+            run_uac(r.host, r.port, "127.0.8.9", 2, 5, rows(2))
+            out = spitwall("stats", "--json", redis_url=r.redis_url)
+            assert out.returncode == 0, out.stderr
+            unscored = json.loads(out.stdout).get("redis_unavailable", 0)
+        assert unscored == 4
         assert children_of(r.kamailio_pid) == workers
 
 

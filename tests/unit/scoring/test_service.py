@@ -12,8 +12,9 @@ import redis
 from lists.store import ListStore
 from scoring import config_admin, keys
 from scoring.model import Action
-from scoring.service import ScoringService
+from scoring.service import COUNTER_FLUSH, ScoringService
 from scoring.store import Store, find_decision
+from tests.conftest import RedisServer
 from tests.unit.scoring.support import attempt, dead_redis_url
 
 NOW = 1_800_000_000.0
@@ -219,3 +220,58 @@ def test_kill_switch_skips_redis_and_polls_for_reenable(service: ScoringService,
     service.score(attempt(), now=NOW + 1.5)
     d = service.score(attempt(user_agent="friendly-scanner"), now=NOW + 1.6)
     assert d.action is Action.REJECT
+
+
+def test_a_childs_own_counters_reach_the_stats_hash_once_redis_is_back(
+        redis_server: RedisServer, redis_url: str, r: redis.Redis) -> None:
+    """Calls that failed open while Redis was down are counted in `spitwall stats` once it is
+    back; decisions are not counted twice, and `li_*` counters stay in the process."""
+    store = Store(redis_url, timeout=0.5, retry_after=0.0)
+    service = ScoringService(store)
+    try:
+        service.score(attempt(call_id="before"), now=NOW)  # connects, loads the config
+        redis_server.stop()
+        for i in range(3):
+            assert service.score(attempt(call_id=f"down{i}"), now=NOW).degraded
+        service.counters["li_calls"] += 1
+        assert service.flush_counters() == {}  # down: kept for later
+        redis_server.start()
+        sent = service.flush_counters()
+        assert sent == {"redis_unavailable": 3, "record_lost": 3}
+        service.score(attempt(call_id="after"), now=NOW)  # drains the deferred write
+        raw: dict[bytes, bytes] = r.hgetall(keys.STATS)  # type: ignore[assignment]
+        stats = {k.decode(): int(v) for k, v in raw.items()}
+        assert stats["redis_unavailable"] == 3 and stats["record_lost"] == 3
+        # "after", recorded with its decision (the restarted Redis lost "before"; the calls
+        # while it was down are not decisions in Redis, so they are not counted twice)
+        assert stats["action:relay"] == 1
+        assert not any(k.startswith("li_") for k in stats)
+        assert service.flush_counters() == {}  # nothing new since
+        service.counters["check_error:geoip"] += 2
+        assert service.flush_counters() == {"check_error:geoip": 2}
+    finally:
+        store.close()
+
+
+def test_counters_are_flushed_at_most_every_few_seconds(
+        service: ScoringService, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    service.score(attempt(call_id="a"), now=NOW)
+    service.counters["pass_token_refused"] += 1
+    service.score(attempt(call_id="b"), now=NOW)  # within the interval: not flushed
+    assert r.hget(keys.STATS, "pass_token_refused") is None
+    later = time.monotonic() + COUNTER_FLUSH + 0.1
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    service.score(attempt(call_id="c"), now=NOW)  # flushes (deferred) ...
+    monkeypatch.undo()
+    service.score(attempt(call_id="d"), now=NOW)  # ... read back before this one's trip
+    assert r.hget(keys.STATS, "pass_token_refused") == b"1"
+
+
+def test_kill_switch_relays_are_counted(service: ScoringService, r: redis.Redis,
+                                        redis_url: str) -> None:
+    service.score(attempt(call_id="a"), now=NOW)
+    config_admin.set_value(redis.Redis.from_url(redis_url), "enabled", "false")
+    service.score(attempt(call_id="b"), now=NOW)  # sees the new version, reloads
+    for i in range(4):
+        assert service.score(attempt(call_id=f"off{i}"), now=NOW).rule == "disabled"
+    assert service.flush_counters() == {"relay_disabled": 4}
