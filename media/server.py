@@ -353,7 +353,8 @@ class AnsweringMachine:
             await asyncio.to_thread(
                 reputation.apply_feedback, self.client, caller=info.caller_key,
                 ip=info.source_ip, kind=kind,
-                half_life=self.config.get_float("reputation.half_life"))
+                half_life=self.config.get_float("reputation.half_life"),
+                v6_prefix=self.config.v6_prefix)
         except (redis.RedisError, ValueError) as exc:
             log.warning("reputation feedback lost: %s", exc)
 

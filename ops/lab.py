@@ -213,7 +213,8 @@ def _deliver_argv(state: LabState) -> list[str]:
 EXTRA_SERVICES.append(ExtraService(
     name="media",
     argv=_media_argv,
-    ready=lambda st: sip_options_ping(st.sip_addr, _media_port(st), 0.5) == 200,
+    ready=lambda st: sip_options_ping(st.sip_addr, _media_port(st), 0.5,
+                                     src_host=st.sip_addr) == 200,
     expect=lambda st: ["media.server", str(_media_port(st))],
     timeout=90.0,
     redis_role="media",
@@ -224,7 +225,8 @@ EXTRA_SERVICES.append(ExtraService(
 EXTRA_SERVICES.append(ExtraService(
     name="deliver",
     argv=_deliver_argv,
-    ready=lambda st: sip_options_ping(st.sip_addr, _deliver_port(st), 0.5) == 200,
+    ready=lambda st: sip_options_ping(st.sip_addr, _deliver_port(st), 0.5,
+                                     src_host=st.sip_addr) == 200,
     expect=lambda st: ["intercept.deliver", str(_deliver_port(st))],
     timeout=30.0,
     redis_role="deliver",

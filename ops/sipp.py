@@ -131,12 +131,24 @@ def _check_loopback(*addrs: str) -> None:
             ip = ipaddress.ip_address(addr)
         except ValueError as exc:
             raise ValueError(f"not an IP address: {addr!r} (loopback only)") from exc
-        if not ip.is_loopback or ip.version != 4:
-            raise ValueError(f"{addr} is not in 127.0.0.0/8 (loopback only)")
+        if not ip.is_loopback:
+            raise ValueError(f"{addr} is not in 127.0.0.0/8 or ::1 (loopback only)")
+
+
+def _uri_host(ip: str) -> str:
+    """An address as a SIP URI or sipp target host: IPv6 in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def _control_ip(ip: str) -> str:
+    """Where sipp's remote-control socket binds: sipp 3.6 opens it as IPv4 only (binding it
+    to ::1 fails with EAFNOSUPPORT), so IPv6 runs put it on 127.0.0.1."""
+    return "127.0.0.1" if ":" in ip else ip
 
 
 def _udp_port_free(ip: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         try:
             sock.bind((ip, port))
         except OSError:
@@ -496,21 +508,21 @@ def run_uac(
         inf = write_injection(wd / "uac_calls.csv", injection_rows)
         port = src_port or free_udp_port(src_ip)
         media_port = free_udp_port(src_ip, also_plus=(2,))
-        ctrl_port = free_udp_port(src_ip)
+        ctrl_port = free_udp_port(_control_ip(src_ip))
         msg_log = wd / "uac_messages.log"
         log_file = wd / "uac_logs.log"
         err_file = wd / "uac_errors.log"
         stat_file = wd / "uac_stat.csv"
         cmd = [
             sipp_binary(),
-            f"{target_host}:{target_port}",
+            f"{_uri_host(target_host)}:{target_port}",
             "-sf", str(UAC_SCENARIO),
             "-inf", str(inf),
             "-i", src_ip,
             "-p", str(port),
             "-mi", src_ip,
             "-mp", str(media_port),
-            "-ci", src_ip,
+            "-ci", _control_ip(src_ip),
             "-cp", str(ctrl_port),
             "-m", str(calls),
             "-r", f"{rate:g}",
@@ -722,7 +734,7 @@ def start_uas(
     (wd / UAS_USERS_FILE).write_text("SEQUENTIAL\n" + "\n".join(users) + "\n")
     sip_port = port or free_udp_port(bind_ip)
     media_port = free_udp_port(bind_ip, also_plus=(2,))
-    ctrl_port = free_udp_port(bind_ip)
+    ctrl_port = free_udp_port(_control_ip(bind_ip))
     cmd = [
         sipp_binary(),
         "-sf", str(UAS_SCENARIO),
@@ -730,7 +742,7 @@ def start_uas(
         "-p", str(sip_port),
         "-mi", bind_ip,
         "-mp", str(media_port),
-        "-ci", bind_ip,
+        "-ci", _control_ip(bind_ip),
         "-cp", str(ctrl_port),
         "-inf", UAS_USERS_FILE,
         "-infindex", UAS_USERS_FILE, "0",

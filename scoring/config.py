@@ -186,6 +186,9 @@ def _params() -> dict[str, Param]:
         Param("reject.call_info_url", "str", "",
               "608 only: URL of the operator's jCard for the Call-Info header (RFC 8688)",
               validator=_http_url),
+        Param("source.ipv6_prefix", "int", 64,
+              "IPv6 sources are counted (rates, distinct callers, sweeps, scanner sightings, "
+              "reputation) per network of this many bits", 32, 128),
         Param("reputation.half_life", "float", 3 * 86400.0,
               "seconds for a reputation to decay to half", 60.0, 365 * 86400.0),
         Param("reputation.short_call", "float", 6.0,
@@ -323,6 +326,10 @@ class Config:
     @property
     def rate_windows(self) -> tuple[int, int]:
         return (int(self["rate.short_window"]), int(self["rate.long_window"]))
+
+    @property
+    def v6_prefix(self) -> int:
+        return int(self["source.ipv6_prefix"])
 
 
 def validate_change(current_raw: Mapping[str, str], key: str, text: str) -> Any:

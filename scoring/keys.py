@@ -10,11 +10,14 @@ or non-UTF-8 bytes cannot make keys long or odd.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 
 PREFIX = "spitwall"
 
-_SAFE = re.compile(r"^[A-Za-z0-9.+_@:\-\[\]]{1,64}$")
+_SAFE = re.compile(r"^[A-Za-z0-9.+_@:/\-\[\]]{1,64}$")
+#: IPv6 sources are counted per network of this many bits unless the config says otherwise
+DEFAULT_V6_PREFIX = 64
 
 # Operator state: one tag so the config, the lists and their versions change atomically.
 CONFIG = f"{PREFIX}:{{cfg}}:config"
@@ -75,5 +78,31 @@ def source_keys(base: str, window: int, now: float) -> list[str]:
     ]
 
 
-def scan_key(ip: str) -> str:
-    return f"{tag('ip', ip)}:scan"
+def source_id(ip: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
+    """The entity that per-source counters, scanner sightings and reputation belong to.
+
+    An IPv4 address is itself. An IPv6 address stands for its network of `v6_prefix` bits
+    (`2001:db8:7:1::/64`): one subscriber gets a /64 (or a /56, /48) and can send from any of
+    its 2^64 addresses, so counting per address would let a campaign rotate its source out of
+    every per-source check. IPv4-mapped addresses (`::ffff:192.0.2.1`) are their IPv4 address.
+    Anything that is not an address is returned unchanged (`entity_id` bounds it)."""
+    if ":" not in ip:
+        return ip  # IPv4 (or not an address): no parsing on the common path
+    try:
+        addr = ipaddress.IPv6Address(ip.strip("[]"))
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    if v6_prefix >= 128:
+        return str(addr)
+    return str(ipaddress.IPv6Network((addr, v6_prefix), strict=False))
+
+
+def source_tag(ip: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
+    """Hash-tagged key base of a source (see `source_id`)."""
+    return tag("ip", source_id(ip, v6_prefix))
+
+
+def scan_key(ip: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
+    return f"{source_tag(ip, v6_prefix)}:scan"

@@ -47,8 +47,9 @@ def caller_rep_key(caller_key: str) -> str:
     return f"{keys.tag('caller', caller_key)}:rep"
 
 
-def ip_rep_key(ip: str) -> str:
-    return f"{keys.tag('ip', ip)}:rep"
+def ip_rep_key(ip: str, v6_prefix: int = keys.DEFAULT_V6_PREFIX) -> str:
+    """Reputation of a source: an IPv4 address or an IPv6 network (`keys.source_id`)."""
+    return f"{keys.source_tag(ip, v6_prefix)}:rep"
 
 
 def decayed(score: float, updated: float, now: float, half_life: float) -> float:
@@ -70,7 +71,8 @@ def update_command(key: str, kind: str, now: float, half_life: float) -> list[st
 
 
 def apply_feedback(client: Any, *, caller: str = "", ip: str = "", kind: str,
-                   half_life: float, now: float | None = None) -> dict[str, float]:
+                   half_life: float, now: float | None = None,
+                   v6_prefix: int = keys.DEFAULT_V6_PREFIX) -> dict[str, float]:
     """Apply one observation to a caller and/or a source IP (redis-py client; not the INVITE
     path). `caller` is a number or a SIP URI/user@domain. Returns the new scores."""
     t = time.time() if now is None else now
@@ -81,7 +83,7 @@ def apply_feedback(client: Any, *, caller: str = "", ip: str = "", kind: str,
     ttl = int(half_life * TTL_HALF_LIVES)
     out: dict[str, float] = {}
     for label, key in (("caller", caller_rep_key(normalise_caller(caller)) if caller else ""),
-                       ("ip", ip_rep_key(ip) if ip else "")):
+                       ("ip", ip_rep_key(ip, v6_prefix) if ip else "")):
         if key:
             res = script(keys=[key], args=[f"{t:.3f}", f"{half_life:g}", f"{target:g}",
                                            f"{step:g}", str(ttl)])
@@ -109,12 +111,13 @@ def normalise_caller(text: str) -> str:
 
 
 def read(client: Any, *, caller: str = "", ip: str = "", half_life: float,
-         now: float | None = None) -> dict[str, dict[str, float]]:
+         now: float | None = None,
+         v6_prefix: int = keys.DEFAULT_V6_PREFIX) -> dict[str, dict[str, float]]:
     """Current (decayed) reputations, for `spitwall report --show` and tests."""
     t = time.time() if now is None else now
     out: dict[str, dict[str, float]] = {}
     for label, key in (("caller", caller_rep_key(normalise_caller(caller)) if caller else ""),
-                       ("ip", ip_rep_key(ip) if ip else "")):
+                       ("ip", ip_rep_key(ip, v6_prefix) if ip else "")):
         if key:
             raw = client.hgetall(key)
             s = float(raw.get(b"s", 0) or 0)

@@ -73,7 +73,8 @@ class ScoringService:
         x5u = self._x5u_miss(attempt, decision)
         try:
             self.store.record(attempt, decision, t,
-                              half_life=self.config.get_float("reputation.half_life"), x5u_miss=x5u)
+                              half_life=self.config.get_float("reputation.half_life"), x5u_miss=x5u,
+                              v6_prefix=self.config.v6_prefix)
         except RedisUnavailable:
             self.counters["record_lost"] += 1
         self.maybe_flush_counters()
@@ -170,7 +171,8 @@ class ScoringService:
             return None
         try:
             self.store.feedback(caller_key=caller_key, ip=ip, kind=kind,
-                                half_life=cfg.get_float("reputation.half_life"))
+                                half_life=cfg.get_float("reputation.half_life"),
+                                v6_prefix=cfg.v6_prefix)
         except RedisUnavailable:
             self.counters["record_lost"] += 1
             return None
@@ -185,7 +187,8 @@ class ScoringService:
                 return None
             caller, ip = found
             self.store.feedback(caller_key=caller, ip=ip, kind=kind,
-                                half_life=self.config.get_float("reputation.half_life"))
+                                half_life=self.config.get_float("reputation.half_life"),
+                                v6_prefix=self.config.v6_prefix)
         except RedisUnavailable:
             self.counters["record_lost"] += 1
             return None
@@ -198,7 +201,7 @@ class ScoringService:
         if hit is not None:
             self.counters["scanner_probe"] += 1
             try:
-                self.store.note_scanner(source_ip)
+                self.store.note_scanner(source_ip, v6_prefix=self.config.v6_prefix)
             except RedisUnavailable:
                 self.counters["record_lost"] += 1
         return hit

@@ -202,7 +202,7 @@ class Store:
         dw = int(cfg["distinct.window"])
         recent_max = int(cfg["sweep.recent"])
         head = [f"{t:.3f}", str(n), *[str(w) for w in windows]]
-        ip_base = keys.tag("ip", attempt.source_ip)
+        ip_base = keys.source_tag(attempt.source_ip, cfg.v6_prefix)
         caller = attempt.caller_key
         caller_base = keys.tag("caller", caller)
         callee_base = keys.tag("callee", attempt.callee_key)
@@ -258,7 +258,8 @@ class Store:
         self._roundtrip([["SCRIPT", "LOAD", s.source] for s in SCRIPTS])
 
     def record(self, attempt: CallAttempt, decision: Decision, now: float | None = None,
-               half_life: float = 3 * 86400.0, x5u_miss: str = "") -> None:
+               half_life: float = 3 * 86400.0, x5u_miss: str = "",
+               v6_prefix: int = keys.DEFAULT_V6_PREFIX) -> None:
         """Store the decision by Call-ID, count it, and let rejects/diverts nudge the caller's
         and source's reputation; deferred (no wait for the replies)."""
         t = time.time() if now is None else now
@@ -272,7 +273,8 @@ class Store:
         if decision.rule == "score" and decision.action is not Action.RELAY:
             kind = decision.action.value  # reject | divert
             commands.append(update_command(caller_rep_key(attempt.caller_key), kind, t, half_life))
-            commands.append(update_command(ip_rep_key(attempt.source_ip), kind, t, half_life))
+            commands.append(update_command(ip_rep_key(attempt.source_ip, v6_prefix), kind, t,
+                                           half_life))
         if x5u_miss:  # for the out-of-band certificate fetcher; bounded list
             commands += [["LPUSH", keys.X5U_MISSES, x5u_miss[:500]],
                          ["LTRIM", keys.X5U_MISSES, "0", str(keys.X5U_MISSES_MAX - 1)],
@@ -280,12 +282,12 @@ class Store:
         self._defer(commands)
 
     def feedback(self, *, caller_key: str, ip: str, kind: str, half_life: float,
-                 now: float | None = None) -> None:
+                 now: float | None = None, v6_prefix: int = keys.DEFAULT_V6_PREFIX) -> None:
         """Reputation observation from the proxy (e.g. a call's duration); deferred."""
         t = time.time() if now is None else now
         commands = [update_command(k, kind, t, half_life)
                     for k in (caller_rep_key(caller_key) if caller_key else "",
-                              ip_rep_key(ip) if ip else "") if k]
+                              ip_rep_key(ip, v6_prefix) if ip else "") if k]
         commands.append(["HINCRBY", keys.STATS, f"feedback:{kind}", "1"])
         self._defer(commands)
 
@@ -297,9 +299,10 @@ class Store:
         caller, _, ip = _s(reply).rpartition("|")
         return (caller, ip) if caller else None
 
-    def note_scanner(self, ip: str, ttl: int = 86400) -> None:
-        """Remember that `ip` sent a scanner fingerprint (deferred)."""
-        key = keys.scan_key(ip)
+    def note_scanner(self, ip: str, ttl: int = 86400,
+                     v6_prefix: int = keys.DEFAULT_V6_PREFIX) -> None:
+        """Remember that `ip` (its IPv6 network) sent a scanner fingerprint (deferred)."""
+        key = keys.scan_key(ip, v6_prefix)
         self._defer([["INCR", key], ["EXPIRE", key, str(ttl)],
                      ["HINCRBY", keys.STATS, "scanner_probes", "1"]])
 

@@ -1,10 +1,12 @@
-"""Destination sweep (war dialling): many distinct callees, or sequential numbers, from one IP."""
+"""Destination sweep (war dialling): many distinct callees, or sequential numbers, from one
+source (an IPv4 address or an IPv6 network, see `scoring.keys.source_id`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from scoring.checks.base import Context, ramp
+from scoring.keys import source_id
 from scoring.model import CheckResult
 
 name = "sweep"
@@ -40,5 +42,6 @@ def check(ctx: Context) -> CheckResult:
     if sequential > distinct:
         return CheckResult(name, sequential, f"{run} sequential callees {first}..{last}")
     if distinct > 0:
-        return CheckResult(name, distinct, f"{n} distinct callees from {ctx.attempt.source_ip}")
+        src = source_id(ctx.attempt.source_ip, ctx.config.v6_prefix)
+        return CheckResult(name, distinct, f"{n} distinct callees from {src}")
     return CheckResult(name, 0.0)

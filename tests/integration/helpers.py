@@ -47,15 +47,17 @@ class Rig:
 
 
 @contextmanager
-def rig(lab_factory: object, children: int = 2) -> Iterator[Rig]:
-    """A lab whose next hop is a SIPp UAS on 127.0.0.1 and whose MEDIA_URI is another one."""
+def rig(lab_factory: object, children: int = 2, addr: str = "127.0.0.1") -> Iterator[Rig]:
+    """A lab on `addr` whose next hop is a SIPp UAS there and whose MEDIA_URI is another one."""
+    host = f"[{addr}]" if ":" in addr else addr
     with ExitStack() as stack:  # a UAS that started is stopped even if the next one fails
-        hop = stack.enter_context(start_uas("127.0.0.1"))
-        am_port = free_udp_port("127.0.0.1")
-        am = stack.enter_context(start_uas("127.0.0.1", am_port))
+        hop = stack.enter_context(start_uas(addr))
+        am_port = free_udp_port(addr)
+        am = stack.enter_context(start_uas(addr, am_port))
         # MEDIA_URI names the UAS; the lab's own answering machine runs on a port of its own
-        lab = lab_factory(next_hop=f"sip:127.0.0.1:{hop.port}",  # type: ignore[operator]
-                          media_uri=f"sip:spitwall-am@127.0.0.1:{am_port}", children=children)
+        lab = lab_factory(next_hop=f"sip:{host}:{hop.port}",  # type: ignore[operator]
+                          media_uri=f"sip:spitwall-am@{host}:{am_port}", children=children,
+                          sip_addr=addr)
         yield Rig(lab, hop, am)
 
 

@@ -74,11 +74,13 @@ class SrtpUas:
 
 
 @contextmanager
-def srtp_uas(workdir: Path, media: Media, scenario: str = "uas_srtp.xml") -> Iterator[SrtpUas]:
+def srtp_uas(workdir: Path, media: Media, scenario: str = "uas_srtp.xml",
+             addr: str = "127.0.0.1") -> Iterator[SrtpUas]:
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_udp_port("127.0.0.1")
-    cmd = [sipp_binary(), "-sf", str(SIPP_DIR / scenario), "-i", "127.0.0.1",
-           "-p", str(port), "-mi", "127.0.0.1", "-mp", str(free_udp_port("127.0.0.1")),
+    port = free_udp_port(addr)
+    cmd = [sipp_binary(), "-sf", str(SIPP_DIR / scenario), "-i", addr,
+           "-p", str(port), "-mi", addr, "-mp", str(free_udp_port(addr)),
+           # sipp's control socket is IPv4 only
            "-ci", "127.0.0.1", "-cp", str(free_udp_port("127.0.0.1")), "-nostdin",
            *media.args(),
            "-trace_msg", "-message_file", "uas_messages.log"]
@@ -100,9 +102,11 @@ def srtp_call(lab: Lab, workdir: Path, caller: str, callee: str, media: Media,
     assert st is not None
     workdir.mkdir(parents=True, exist_ok=True)
     call_id = f"li-{uuid.uuid4().hex[:12]}"
-    cmd = [sipp_binary(), f"{st.sip_addr}:{st.sip_port}", "-sf", str(SIPP_DIR / scenario),
+    host = f"[{st.sip_addr}]" if ":" in st.sip_addr else st.sip_addr
+    ctrl = "127.0.0.1" if ":" in src_ip else src_ip  # sipp's control socket is IPv4 only
+    cmd = [sipp_binary(), f"{host}:{st.sip_port}", "-sf", str(SIPP_DIR / scenario),
            "-s", callee, "-i", src_ip, "-p", str(free_udp_port(src_ip)), "-mi", src_ip,
-           "-mp", str(free_udp_port(src_ip)), "-ci", src_ip, "-cp", str(free_udp_port(src_ip)),
+           "-mp", str(free_udp_port(src_ip)), "-ci", ctrl, "-cp", str(free_udp_port(ctrl)),
            "-m", "1",
            "-nostdin", "-key", "caller", caller, "-cid_str", call_id, *media.args(),
            "-d", "300", "-timeout", "20s", "-trace_msg", "-message_file", "uac_messages.log"]

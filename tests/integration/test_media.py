@@ -44,10 +44,13 @@ def call(lab: Any, tmp: Path, src_ip: str, caller: str, wav: Path | None,
     scenario.write_text(xml)
     inf = write_injection(tmp / f"{caller}.csv", [(caller, "15551230000", "Caller", "x/1")])
     st = lab.state
-    cmd = [sipp_binary(), f"{st.sip_addr}:{st.sip_port}", "-sf", str(scenario), "-inf",
+    host = f"[{st.sip_addr}]" if ":" in st.sip_addr else st.sip_addr
+    cmd = [sipp_binary(), f"{host}:{st.sip_port}", "-sf", str(scenario), "-inf",
            str(inf), "-i", src_ip, "-p", str(free_udp_port(src_ip)), "-mi", src_ip,
            "-mp", str(free_udp_port(src_ip, also_plus=(2,))), "-m", "1", "-nostdin",
            "-timeout", "90", "-timeout_error"]
+    if ":" in src_ip:  # sipp's control socket is IPv4 only
+        cmd += ["-ci", "127.0.0.1", "-cp", str(free_udp_port("127.0.0.1"))]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp,
                           check=False)
 
@@ -60,8 +63,8 @@ def queue(url: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def am_lab(lab_factory: Any) -> Any:
-    lab = lab_factory()
+def am_lab(lab_factory: Any, request: pytest.FixtureRequest) -> Any:
+    lab = lab_factory(**getattr(request, "param", {}))
     url = lab.state.redis_url
     for k, v in (("divert_threshold", "0"), ("reject_threshold", "0.99"),
                  ("media.record_seconds", "5")):
@@ -86,6 +89,26 @@ def test_bot_talking_from_the_first_packet_ends_in_the_spam_queue(am_lab: Any,
     rep = read(redis.Redis.from_url(url), caller="promo1@127.0.21.1", ip="127.0.21.1",
                half_life=3 * 86400)
     assert rep["caller"]["score"] >= 0.5 and rep["ip"]["score"] >= 0.5
+
+
+@pytest.mark.parametrize("am_lab", [{"sip_addr": "::1"}], indirect=True)
+def test_ipv6_bot_ends_in_the_spam_queue_and_its_network_loses_reputation(
+        am_lab: Any, tmp_path: Path) -> None:
+    """Proxy, answering machine and RTP all over IPv6; the verdict lands on the /64."""
+    wav = ulaw_wav(BOT_TEXT, tmp_path / "bot.wav")
+    res = call(am_lab, tmp_path, "::1", "promo6", wav)
+    assert res.returncode == 0, res.stdout[-1500:]
+    url = am_lab.state.redis_url
+    items = queue(url)
+    assert [i["queue"] for i in items] == ["spam"], items
+    msg = items[0]
+    assert msg["verdict"] == "bot" and msg["source_ip"] == "::1"
+    assert msg["features"]["onset_ms"] < 500
+    client = redis.Redis.from_url(url)
+    rep = read(client, caller=msg["caller_key"], ip="::1", half_life=3 * 86400)
+    assert rep["caller"]["score"] >= 0.5 and rep["ip"]["score"] >= 0.5
+    assert client.exists("spitwall:{ip:::/64}:rep")  # the network's, not the address'
+    assert not client.exists("spitwall:{ip:::1}:rep")
 
 
 def test_silent_caller_without_captcha_leaves_a_voicemail(am_lab: Any, tmp_path: Path) -> None:

@@ -117,3 +117,30 @@ def test_source_keys_layout() -> None:
     got = keys.source_keys("b", 300, 600.0)
     assert got == ["b:callers:300:2", "b:callers:300:1", "b:callees:300:2", "b:callees:300:1",
                    "b:recent", "b:scan"]
+
+
+@pytest.mark.parametrize(("ip", "prefix", "expected"), [
+    ("203.0.113.7", 64, "203.0.113.7"),
+    ("2001:db8:7:1::5", 64, "2001:db8:7:1::/64"),
+    ("2001:db8:7:1:ffff:ffff:ffff:ffff", 64, "2001:db8:7:1::/64"),
+    ("2001:DB8:7:1::5", 64, "2001:db8:7:1::/64"),  # canonical form: one key per network
+    ("[2001:db8:7:1::5]", 64, "2001:db8:7:1::/64"),
+    ("2001:db8:7:1ff::5", 56, "2001:db8:7:100::/56"),
+    ("2001:db8:7:1::5", 128, "2001:db8:7:1::5"),
+    ("::1", 64, "::/64"),
+    ("::ffff:192.0.2.1", 64, "192.0.2.1"),  # IPv4-mapped: the IPv4 address
+    ("not:an:address::x", 64, "not:an:address::x"),  # left to entity_id
+    ("", 64, ""),
+])
+def test_source_id_aggregates_ipv6_by_network(ip: str, prefix: int, expected: str) -> None:
+    assert keys.source_id(ip, prefix) == expected
+
+
+def test_source_tags_of_ipv6_networks_stay_readable_and_bounded() -> None:
+    assert keys.source_tag("2001:db8:7:1::5") == "spitwall:{ip:2001:db8:7:1::/64}"
+    assert keys.source_tag("2001:db8:7:2::5") != keys.source_tag("2001:db8:7:1::5")
+    longest = keys.source_tag("2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff", 127)
+    _check_key(longest)
+    assert keys.scan_key("2001:db8:7:1::9") == "spitwall:{ip:2001:db8:7:1::/64}:scan"
+    for value in ("A" * 10_240 + ":", "::" + "\r\n" * 100):
+        _check_key(keys.source_tag(value))

@@ -164,6 +164,36 @@ def test_scanner_hits_come_back(store: Store) -> None:
                          now=NOW).scanner_hits == 0
 
 
+def test_ipv6_sources_count_per_network(store: Store, r: redis.Redis) -> None:
+    """A campaign rotating its IPv6 source inside one /64 is one source for every per-source
+    signal; another /64 is another source; the prefix is live config."""
+    cfg = Config.defaults()
+    for i in range(5):
+        sig = store.observe(attempt(source_ip=f"2001:db8:7:1::{i + 1:x}", from_user=f"u{i}",
+                                    ruri_user=f"55501{i:02d}"), cfg, now=NOW)
+    assert sig.ip_rate == {10: 5.0, 300: 5.0}
+    assert sig.distinct_callers == 5 and sig.distinct_callees == 5
+    assert len(sig.recent_callees) == 5
+    other = store.observe(attempt(source_ip="2001:db8:7:2::1", from_user="u9"), cfg, now=NOW)
+    assert other.ip_rate[10] == 1.0 and other.distinct_callers == 1
+    store.note_scanner("2001:db8:7:1::ffff")
+    assert store.observe(attempt(source_ip="2001:db8:7:1::42"), cfg,
+                         now=NOW).scanner_hits == 1
+    per_address = config(source__ipv6_prefix="128")
+    assert store.observe(attempt(source_ip="2001:db8:7:1::1"), per_address,
+                         now=NOW).ip_rate[10] == 1.0
+    wider = config(source__ipv6_prefix="48")
+    assert store.observe(attempt(source_ip="2001:db8:7:3::1"), wider, now=NOW).ip_rate[10] == 1.0
+    assert store.observe(attempt(source_ip="2001:db8:7:4::1"), wider, now=NOW).ip_rate[10] == 2.0
+    # rejects and diverts nudge the network's reputation, which every address in it then reads
+    d = Decision(Action.REJECT, 1.0, (Contribution("rate_ip", 1.0, 1.0, "x"),), rule="score")
+    store.record(attempt(source_ip="2001:db8:7:1::1", call_id="v6"), d, NOW)
+    _sync(store)
+    assert r.exists("spitwall:{ip:2001:db8:7:1::/64}:rep")
+    assert store.observe(attempt(source_ip="2001:db8:7:1::77"), cfg,
+                         now=NOW).reputation_ip > 0
+
+
 def test_versions_come_back(store: Store, r: redis.Redis) -> None:
     sig = store.observe(attempt(), Config.defaults(), now=NOW)
     assert (sig.config_version, sig.lists_version) == (0, 0)
