@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -122,6 +123,8 @@ class LabState:
     #: UDP port of the lab's answering machine; 0: the port of ``media_uri`` (unless the lab
     #: was told to divert elsewhere, the answering machine is what ``media_uri`` names)
     media_port: int = 0
+    #: dual stack: Kamailio also listens on this IPv6 address, same port ('' = not)
+    sip_addr6: str = ""
 
     @property
     def sip_uri(self) -> str:
@@ -316,7 +319,28 @@ def _redis_answers(url: str, timeout: float = 1.0) -> bool:
 
 
 def _kamailio_answers(state: LabState, timeout: float = 1.0) -> bool:
-    return sip_options_ping(state.sip_addr, state.sip_port, timeout, src_host=state.sip_addr) == 200
+    return all(sip_options_ping(addr, state.sip_port, timeout, src_host=addr) == 200
+               for addr in (state.sip_addr, state.sip_addr6) if addr)
+
+
+def free_sip_port(addr: str, addr6: str = "") -> int:
+    """A port free for UDP and TCP on `addr` and, for a dual-stack lab, on `addr6` too."""
+    for _ in range(50):
+        port = free_port(addr, "both")
+        if not addr6 or _port_free_both(addr6, port):
+            return port
+    raise LabError(f"no SIP port free on both {addr} and {addr6}")
+
+
+def _port_free_both(addr: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(family, kind) as sock:
+            try:
+                sock.bind((addr, port))
+            except OSError:
+                return False
+    return True
 
 
 def redis_argv(workdir: Path, port: int, bind: str = "127.0.0.1") -> list[str]:
@@ -448,8 +472,12 @@ class Lab:
         timeout: float = KAMAILIO_READY_TIMEOUT,
         redis_users: bool | None = None,
         media_uri: str | None = None,
+        sip_addr6: str | None = None,
     ) -> LabState:
         """Start the lab and return once every service answers.
+
+        ``sip_addr6`` (an IPv6 address) makes Kamailio dual stack: it also listens there, on the
+        same port, and relays between IPv4 and IPv6 (the other services stay on ``sip_addr``).
 
         ``media_uri`` makes Kamailio divert to another answering machine than the lab's own
         (which still runs, on ``media_port`` or a free port), e.g. a test's SIP UAS.
@@ -461,6 +489,17 @@ class Lab:
         LabError (with Kamailio's log tail when it is the culprit) is raised.
         """
         _validate_up(sip_addr, redis_url, redis_port, next_hop, children)
+        if sip_addr6 is not None:
+            try:
+                v6 = ipaddress.ip_address(sip_addr6)
+            except ValueError:
+                v6 = None
+            if not isinstance(v6, ipaddress.IPv6Address):
+                raise LabError(f"--sip-addr6 must be an IPv6 address, not {sip_addr6[:80]!r}")
+            if ":" in sip_addr:
+                raise LabError("--sip-addr6 adds IPv6 to an IPv4 --sip-addr; "
+                               f"{sip_addr} is IPv6 already")
+            sip_addr6 = str(v6)
         if media_uri is not None and (not media_uri.startswith(("sip:", "sips:"))
                                       or any(ch.isspace() for ch in media_uri)):
             raise LabError(f"media URI must be a sip: or sips: URI, not {media_uri[:80]!r}")
@@ -480,7 +519,7 @@ class Lab:
                 self.state_path.unlink()
             return self._start_all(
                 sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children, timeout,
-                redis_users, media_uri,
+                redis_users, media_uri, sip_addr6 or "",
             )
 
     def _start_all(
@@ -495,6 +534,7 @@ class Lab:
         timeout: float,
         redis_users: bool | None = None,
         media_uri: str | None = None,
+        sip_addr6: str = "",
     ) -> LabState:
         own_redis = redis_url is None
         make_users = own_redis if redis_users is None else redis_users
@@ -502,7 +542,7 @@ class Lab:
             redis_port = redis_port or free_port("127.0.0.1", "tcp")
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
         assert redis_url is not None
-        sip_port = sip_port or free_port(sip_addr, "both")
+        sip_port = sip_port or free_sip_port(sip_addr, sip_addr6)
         media_port = media_port or free_port(sip_addr, "udp")
         state = LabState(
             workdir=str(self.workdir),
@@ -517,6 +557,7 @@ class Lab:
             kamailio_cfg=str(self.kamailio_cfg),
             own_redis=own_redis,
             started_at=time.time(),
+            sip_addr6=sip_addr6,
         )
         try:
             if own_redis:
@@ -632,6 +673,7 @@ class Lab:
             "-Y", str(self.workdir / "run"),
             "-w", str(self.workdir),
             "-A", f"SIP_ADDR={state.sip_addr}",
+            *(["-A", f"SIP_ADDR6={state.sip_addr6}"] if state.sip_addr6 else []),
             "-A", f"SIP_PORT={state.sip_port}",
             "-A", f"REDIS_URL={redis_define}",
             "-A", f"NEXT_HOP={state.next_hop or 'none'}",
@@ -833,6 +875,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--redis", default=argparse.SUPPRESS, metavar="URL", help="use this Redis, start none"
     )
     up.add_argument("--sip-addr", default="127.0.0.1", help="SIP listen address")
+    up.add_argument("--sip-addr6", metavar="IPV6",
+                    help="dual stack: Kamailio also listens on this IPv6 address (e.g. ::1)")
     up.add_argument("--sip-port", type=_port, help="SIP port, udp and tcp (default: a free one)")
     up.add_argument("--redis-port", type=_port, help="port of our redis-server (default: free)")
     up.add_argument("--next-hop", metavar="sip:HOST:PORT", help="where relayed calls go")
@@ -889,6 +933,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             media_port=args.media_port,
             children=args.children,
             redis_users=args.redis_users,
+            sip_addr6=args.sip_addr6,
         )
     except LabError as exc:
         if exc.log_tail:
@@ -900,6 +945,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     host = _uri_host(state.sip_addr)
     print(f"lab up in {state.workdir}")
     print(f"  SIP proxy   udp:{host}:{state.sip_port}  tcp:{host}:{state.sip_port}")
+    if state.sip_addr6:
+        host6 = _uri_host(state.sip_addr6)
+        print(f"              udp:{host6}:{state.sip_port}  tcp:{host6}:{state.sip_port}")
     from scoring import redisconn
 
     redis_owner = f"redis-server pid {state.pids['redis']}" if state.own_redis else "external"

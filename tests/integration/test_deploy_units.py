@@ -37,6 +37,7 @@ import pytest
 import redis
 
 from intercept import acl
+from ops.lab import free_sip_port
 from ops.procs import (
     free_port,
     pid_alive,
@@ -403,8 +404,9 @@ def test_kamailio_with_the_dropin_answers_and_scores_as_the_proxy_role(
     deployment: Deployment,
 ) -> None:
     d = deployment
-    port = free_port("127.0.0.1", "both")
+    port = free_sip_port("127.0.0.1", "::1")
     fill_env(d.confdir / "proxy.env", {
+        "SPITWALL_KAMAILIO_OPTS": "-A SIP_ADDR6=::1",  # dual stack
         "SPITWALL_REDIS": d.url("proxy"), "SPITWALL_SIP_ADDR": "127.0.0.1",
         "SPITWALL_SIP_PORT": str(port), "SPITWALL_CHILDREN": "2", "SPITWALL_TCP_CHILDREN": "1",
         "SPITWALL_LOG_LEVEL": "2",
@@ -443,6 +445,7 @@ def test_kamailio_with_the_dropin_answers_and_scores_as_the_proxy_role(
         assert pid_alive(pid)
         # the creator exits only once the workers listen: OPTIONS is answered at once
         assert sip_options_ping("127.0.0.1", port, 2.0) == 200
+        assert sip_options_ping("::1", port, 2.0, src_host="::1") == 200  # SIP_ADDR6
         ctl = runtime / "kamailio_ctl"
         assert ctl.exists(), "the ctl socket is not in the run dir"
         if shutil.which("kamcmd"):  # docs/deployment.md's health check
