@@ -63,7 +63,7 @@ from scoring.model import (  # noqa: E402
     unpack_dialog_note,
 )
 from scoring.service import ScoringService  # noqa: E402
-from scoring.store import Store  # noqa: E402
+from scoring.store import RedisUnavailable, Store  # noqa: E402
 
 # Characters outside RFC 3261 `user`, and '%' not starting a valid escape, get percent-escaped.
 _USER_SAFE = re.compile(r"[^A-Za-z0-9\-_.!~*'()&=+$,;?/%]|%(?![0-9A-Fa-f]{2})")
@@ -195,9 +195,49 @@ class Handler:
         try:
             if KSR.tm.t_is_canceled() > 0:
                 return 1
+            self._media_fallback()
         except Exception as exc:  # logged with traceback and counted
             self._barrier(exc, "failure_route")
         return 1
+
+    def _media_fallback(self) -> None:
+        """A diverted call the answering machine did not take (no reply within `media.timeout`,
+        overloaded, refused): relay it to the callee after all, unless `media.fallback` is
+        `reject`. Fail-open, as when Redis is down: a broken answering machine must not drop
+        the calls it would have let through."""
+        orig = KSR.pv.get("$avp(sw_orig_ru)")
+        if not isinstance(orig, str) or not orig:
+            return  # not a diverted call, or already fallen back once
+        KSR.pv.unset("$avp(sw_orig_ru)")
+        svc = self._ensure_service()
+        # a rare event, and after a timeout we run in tm's timer process, whose config is not
+        # refreshed by INVITE replies: make sure it is the live one (one round trip)
+        svc.sync()
+        code = read_pv("$T_reply_code", 8)
+        if str(svc.config["media.fallback"]) != "relay":
+            log.info("answering machine failed (%s); media.fallback=reject", code)
+            return
+        # the new branch carries what was saved before the divert headers (t_save_lumps)
+        KSR.pv.sets("$ru", orig)
+        if self.next_hop:
+            KSR.pv.sets("$du", self.next_hop)
+        else:
+            KSR.pv.unset("$du")
+        header = str(svc.config["score_header"])
+        score = read_pv("$avp(sw_score)", 8)
+        if header and score:
+            KSR.hdr.append(f"{header}: {score}\r\n")
+        KSR.tm.t_reset_fr()
+        if KSR.tm.t_relay() < 0:
+            log.warning("answering machine failed (%s) and the fallback relay failed", code)
+            return
+        log.info("answering machine failed (%s): diverted call relayed to the callee", code)
+        # counted at once: a timeout runs this in tm's timer process, which scores no calls
+        # and so never flushes the counters a SIP worker flushes
+        try:
+            svc.store.count("media_fallback")
+        except RedisUnavailable:
+            svc.counters["record_lost"] += 1
 
     def ksr_tap_reply(self, msg: Any) -> int:
         """Per-transaction reply route, armed only for intercept/recording target calls."""
@@ -459,6 +499,16 @@ class Handler:
         self._strip_ring_control(svc, attempt)
         if decision.action is Action.DIVERT and self.media_uri:
             orig = sip_uri(read_pv("$rU", 128), read_pv("$rd", 128), read_pv("$rp", 8))
+            # If the answering machine fails, the failure route relays the call to the callee
+            # (media.fallback): it needs the R-URI, and a copy of the message without the
+            # divert headers below (t_save_lumps keeps what was changed so far: our stripped
+            # headers, Record-Route, ring control).
+            ruri = KSR.pv.get("$ru")
+            KSR.pv.sets("$avp(sw_orig_ru)", ruri if isinstance(ruri, str) and ruri else orig)
+            KSR.pv.sets("$avp(sw_score)", f"{decision.score:.2f}")
+            if KSR.tm.t_newtran() > 0:
+                KSR.tm.t_save_lumps()
+            KSR.tm.t_set_fr(0, int(svc.config.get_float("media.timeout") * 1000))
             KSR.hdr.append(
                 f"Diversion: <{orig}>;reason=unknown;counter=1;"
                 f"spitwall-score={decision.score:.2f}\r\n"

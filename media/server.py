@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import secrets
@@ -97,10 +98,32 @@ class Settings:
     #: A CANCEL (or the caller's BYE) meanwhile ends the call: 200 for the CANCEL, 487 for
     #: the INVITE (`media.sip`), and no session, verdict, queue entry or feedback.
     ring_ms: int = 0
+    #: where RTP sockets bind, at most one address per family (default: `sip_addr`). A caller's
+    #: stream is served from the address of its offer's family: a dual-stack machine lists an
+    #: IPv4 and an IPv6 address; an offer of a family it has no address for gets 488.
+    rtp_addrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.ring_ms <= MAX_RING_MS:
             raise ValueError(f"ring_ms must be within 0-{MAX_RING_MS}")
+        addrs = self.rtp_addrs or (self.sip_addr,)
+        try:
+            parsed = [ipaddress.ip_address(a) for a in addrs]
+        except ValueError as exc:
+            raise ValueError(f"RTP address: {exc}") from None
+        if len({ip.version for ip in parsed}) != len(parsed):
+            raise ValueError("at most one RTP address per address family")
+        self.rtp_addrs = tuple(str(ip) for ip in parsed)
+
+    def rtp_addr_for(self, remote: str) -> str | None:
+        """The local RTP address for a stream to `remote` (an offer's c= address): the one of
+        the same family; a host name gets the first address; None: no address of that family."""
+        try:
+            version = ipaddress.ip_address(remote).version
+        except ValueError:
+            return self.rtp_addrs[0]
+        return next((a for a in self.rtp_addrs if ipaddress.ip_address(a).version == version),
+                    None)
 
 
 @dataclass
@@ -112,6 +135,8 @@ class Stats:
     transfers: int = 0
     call_errors: int = 0
     cancelled_ringing: int = 0  # calls the caller cancelled while we rang (--ring-ms)
+    #: offers whose media address family we have no RTP address for (488; see --rtp-addr)
+    no_rtp_family: int = 0
 
 
 class SendJitter:
@@ -207,6 +232,7 @@ class AnsweringMachine:
                 "calls": st.calls, "verdicts": dict(st.verdicts), "queued": st.queued,
                 "queue_failures": st.queue_failures, "transfers": st.transfers,
                 "call_errors": st.call_errors, "cancelled_ringing": st.cancelled_ringing,
+                "no_rtp_family": st.no_rtp_family,
                 "sip": self.uas.stats.as_dict(),
                 "send_lateness": self.send_jitter.as_dict()}
 
@@ -243,16 +269,23 @@ class AnsweringMachine:
             except (ValueError, StopIteration):
                 call.reject(488, "Not Acceptable Here")
                 return
+            rtp_addr = self.s.rtp_addr_for(remote_ip)
+            if rtp_addr is None:  # e.g. an IPv6 caller and no IPv6 --rtp-addr
+                self.stats.no_rtp_family += 1
+                log.warning("no RTP address of the family of %s (add --rtp-addr): 488",
+                            remote_ip[:64])
+                call.reject(488, "Not Acceptable Here")
+                return
             loop = asyncio.get_running_loop()
             await self._reload_config()  # phase 2 is not latency-bound: always the live config
             # bind the RTP socket first: the answer must carry its port
             _t, proto = await loop.create_datagram_endpoint(
                 lambda: RtpChannel(_PENDING_CODEC, (remote_ip, audio.port)),
-                local_addr=(self.s.sip_addr, 0))
+                local_addr=(rtp_addr, 0))
             channel = proto
             port = _t.get_extra_info("sockname")[1]
             try:
-                answer, codec = answer_for(offer, self.s.sip_addr, port,
+                answer, codec = answer_for(offer, rtp_addr, port,
                                            session_id=secrets.randbits(31))
             except ValueError:
                 call.reject(488, "Not Acceptable Here")
@@ -399,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="send 180 Ringing and wait this long before answering (a CANCEL "
                         "meanwhile gets 487); 0 (default): answer at once "
                         "(default from $SPITWALL_MEDIA_RING_MS)")
+    p.add_argument("--rtp-addr", action="append", default=[], metavar="ADDR",
+                   help="bind RTP here (default: --sip-addr); give an IPv4 and an IPv6 address "
+                        "to serve callers of both families")
     p.add_argument("--stats-file", type=Path, default=None,
                    help="write counters and RTP send lateness here as JSON (every second, "
                         "on SIGUSR1 and at exit)")
@@ -406,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         settings = Settings(args.sip_addr, args.sip_port, args.queue_dir, args.prompts_dir,
-                            args.max_calls, stats_file=args.stats_file, ring_ms=args.ring_ms)
+                            args.max_calls, stats_file=args.stats_file, ring_ms=args.ring_ms,
+                            rtp_addrs=tuple(args.rtp_addr))
     except ValueError as exc:
         p.error(str(exc))
     client = redisconn.client(args.redis, socket_timeout=2, socket_connect_timeout=2)

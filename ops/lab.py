@@ -196,7 +196,10 @@ def _media_argv(state: LabState) -> list[str]:
     work = Path(state.workdir)  # the Redis URL comes in $SPITWALL_REDIS (redis_role)
     return [sys.executable, "-m", "media.server",
             "--sip-addr", state.sip_addr, "--sip-port", str(_media_port(state)),
-            "--queue-dir", str(work / "queue"), "--prompts-dir", str(work / "prompts")]
+            "--queue-dir", str(work / "queue"), "--prompts-dir", str(work / "prompts"),
+            # dual stack: RTP for callers of either family
+            *(["--rtp-addr", state.sip_addr, "--rtp-addr", state.sip_addr6]
+              if state.sip_addr6 else [])]
 
 
 def _deliver_port(state: LabState) -> int:

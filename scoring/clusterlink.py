@@ -37,6 +37,8 @@ from scoring.redisconn import ClusterUrl
 log = logging.getLogger("spitwall.store")
 
 SLOTS = 16384
+#: deferred replies read per master at the latest before sending it more (see `defer`)
+MAX_PENDING = 256
 Command = Sequence[Any]
 Addr = tuple[str, int]
 
@@ -295,6 +297,8 @@ class ClusterLink:
         for addr, cmds in groups.items():
             try:
                 conn = self._conn(addr)
+                if len(self._pending[addr]) >= MAX_PENDING:  # a process that only defers
+                    self._drain(addr, conn, pack)
                 self._io(addr, conn.send_packed_command, [pack(cmds)])
             except NodeDown as exc:
                 self.dropped += len(cmds)

@@ -222,6 +222,13 @@ def _params() -> dict[str, Param]:
         Param("media.captcha", "choice", "unsure", "DTMF CAPTCHA: off, on unsure verdicts, always",
               choices=("off", "unsure", "always")),
         Param("media.max_call_seconds", "int", 90, "answering machine session limit", 10, 3600),
+        Param("media.fallback", "choice", "relay",
+              "a diverted call the answering machine cannot take (down, overloaded, refused): "
+              "relay it to the callee (fail-open) or reject it with the machine's failure",
+              choices=("relay", "reject")),
+        Param("media.timeout", "float", 2.0,
+              "seconds without any reply from the answering machine before it counts as down",
+              0.5, 30.0),
         Param("media.record_seconds", "int", 30, "longest message recorded", 5, 600),
         Param("media.queue_max_items", "int", 10000, "spam + voicemail queue bound (oldest go)",
               10, 10_000_000),

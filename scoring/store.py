@@ -58,6 +58,9 @@ RECORD = Script("record")
 REPUTATION = Script("reputation")
 SCRIPTS = (OBSERVE, RECORD, REPUTATION)
 LAST_CALLER_TTL = 86400  # how long a callee can report its last caller
+#: deferred replies read at the latest before sending more: a process that only defers (Kamailio's
+#: timer process counting in the failure route) must not let replies pile up without bound
+MAX_PENDING = 256
 
 
 class RedisUnavailable(Exception):
@@ -183,10 +186,12 @@ class Store:
     def _defer(self, commands: Sequence[Sequence[Any]]) -> None:
         """Send commands without waiting for their replies (read before the next request)."""
         if self.cluster is not None:
-            self._cluster_call(self.cluster.defer, commands)
+            self._cluster_call(self.cluster.defer, commands)  # bounded there too (MAX_PENDING)
             return
         try:
             conn = self._connection()
+            if self._pending >= MAX_PENDING:
+                self._drain(conn)
             conn.send_packed_command([pack(commands)])
             self._pending += len(commands)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:

@@ -44,7 +44,8 @@ def call(lab: Any, tmp: Path, src_ip: str, caller: str, wav: Path | None,
     scenario.write_text(xml)
     inf = write_injection(tmp / f"{caller}.csv", [(caller, "15551230000", "Caller", "x/1")])
     st = lab.state
-    host = f"[{st.sip_addr}]" if ":" in st.sip_addr else st.sip_addr
+    addr = st.sip_addr6 if ":" in src_ip and st.sip_addr6 else st.sip_addr  # the caller's family
+    host = f"[{addr}]" if ":" in addr else addr
     cmd = [sipp_binary(), f"{host}:{st.sip_port}", "-sf", str(scenario), "-inf",
            str(inf), "-i", src_ip, "-p", str(free_udp_port(src_ip)), "-mi", src_ip,
            "-mp", str(free_udp_port(src_ip, also_plus=(2,))), "-m", "1", "-nostdin",
@@ -91,10 +92,12 @@ def test_bot_talking_from_the_first_packet_ends_in_the_spam_queue(am_lab: Any,
     assert rep["caller"]["score"] >= 0.5 and rep["ip"]["score"] >= 0.5
 
 
-@pytest.mark.parametrize("am_lab", [{"sip_addr": "::1"}], indirect=True)
+@pytest.mark.parametrize("am_lab", [{"sip_addr": "::1"}, {"sip_addr6": "::1"}],
+                         ids=["ipv6-lab", "dual-stack-lab"], indirect=True)
 def test_ipv6_bot_ends_in_the_spam_queue_and_its_network_loses_reputation(
         am_lab: Any, tmp_path: Path) -> None:
-    """Proxy, answering machine and RTP all over IPv6; the verdict lands on the /64."""
+    """An IPv6 caller through an IPv6 lab, or a dual-stack one (SIP to the answering machine
+    over IPv4, RTP over IPv6: `--rtp-addr`): bot verdict, and it lands on the /64."""
     wav = ulaw_wav(BOT_TEXT, tmp_path / "bot.wav")
     res = call(am_lab, tmp_path, "::1", "promo6", wav)
     assert res.returncode == 0, res.stdout[-1500:]

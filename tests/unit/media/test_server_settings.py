@@ -29,3 +29,30 @@ def test_bad_ring_delay_stops_the_server_before_it_starts(
         main([*argv, "--redis", "redis://127.0.0.1:1/0"])
     assert exc.value.code == 2
     assert "ring" in capsys.readouterr().err
+
+
+def test_rtp_address_follows_the_offers_family() -> None:
+    v4 = Settings(sip_addr="127.0.0.1")
+    assert v4.rtp_addrs == ("127.0.0.1",)
+    assert v4.rtp_addr_for("127.0.0.9") == "127.0.0.1"
+    assert v4.rtp_addr_for("::1") is None  # IPv6 caller, no IPv6 address: the server says 488
+    assert v4.rtp_addr_for("media.example.net") == "127.0.0.1"  # a name: the first address
+    dual = Settings(sip_addr="127.0.0.1", rtp_addrs=("127.0.0.1", "::1"))
+    assert dual.rtp_addr_for("::1") == "::1" and dual.rtp_addr_for("127.0.0.9") == "127.0.0.1"
+    assert dual.rtp_addr_for("::ffff:127.0.0.9") == "::1"  # an IPv6 address all the same
+    assert Settings(sip_addr="::1").rtp_addr_for("::1") == "::1"
+
+
+@pytest.mark.parametrize("addrs", [("127.0.0.1", "127.0.0.2"), ("::1", "::1"), ("nowhere",),
+                                   ("127.0.0.1", "")])
+def test_bad_rtp_addresses_are_refused(addrs: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match=r"RTP address|one RTP address per"):
+        Settings(rtp_addrs=addrs)
+
+
+def test_bad_rtp_address_stops_the_server_before_it_starts(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--rtp-addr", "not-an-ip", "--redis", "redis://127.0.0.1:1/0"])
+    assert exc.value.code == 2
+    assert "RTP address" in capsys.readouterr().err

@@ -194,6 +194,21 @@ def test_ipv6_sources_count_per_network(store: Store, r: redis.Redis) -> None:
                          now=NOW).reputation_ip > 0
 
 
+def test_a_process_that_only_defers_keeps_its_unread_replies_bounded(
+        store: Store, r: redis.Redis) -> None:
+    """Kamailio's timer process counts (failure route) without ever making a round trip: its
+    deferred replies are read once MAX_PENDING are waiting, not left to pile up."""
+    from scoring.store import MAX_PENDING
+
+    store.fetch_config()  # connect
+    for _ in range(3 * MAX_PENDING):
+        store.count("deferred_only")
+        pending = store.cluster.pending if store.cluster is not None else store._pending
+        assert pending <= MAX_PENDING
+    _sync(store)
+    assert r.hget(keys.STATS, "deferred_only") == str(3 * MAX_PENDING).encode()
+
+
 def test_versions_come_back(store: Store, r: redis.Redis) -> None:
     sig = store.observe(attempt(), Config.defaults(), now=NOW)
     assert (sig.config_version, sig.lists_version) == (0, 0)
