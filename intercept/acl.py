@@ -3,7 +3,7 @@
 Why: lawful-intercept targets and their events must be invisible to the ordinary operator role
 (CALEA: the target list is need-to-know), while the proxy must read targets and append events,
 and the delivery worker must consume them. Redis 7 ACLs enforce that at the server, whatever
-the client code does. Five users, one per role:
+the client code does. Six users, one per role:
 
 * ``spitwall-proxy`` (Kamailio children): the scoring commands on every non-``li`` key, read-only
   access to the targets and their version (not to the recorders' digest HA1s nor the audit)
@@ -19,7 +19,12 @@ the client code does. Five users, one per role:
   ``spitwall:li:*``; XDEL/XTRIM only on the ``{ev}`` streams, EXPIRE only on the subscriptions;
 * ``spitwall-li-admin`` (intercept admin): provisioning and dead-letter replay on
   ``spitwall:li:*``; no DEL/UNLINK/RENAME/EXPIRE/XTRIM/XDEL on the ``{li}`` keys (so not on the
-  audit stream either), no dangerous commands.
+  audit stream either), no dangerous commands;
+* ``spitwall-metrics`` (the Prometheus exporter, `ops.metrics`): read-only (``%R~``) on exactly
+  the keys it reads -- the stats hash, the kill switch's mirror ``spitwall:{cfg}:enabled``
+  (not the config hash, which holds ``media.token_key``), the config and lists versions, the
+  queue indexes -- with HGETALL, GET and ZCARD only: no write, no other key, nothing under
+  ``spitwall:li:`` (an LI-domain exporter reads those with the deliver or li-admin user).
 
 Limit (Redis cannot express it): a user that may XADD to the audit stream could pass MAXLEN and
 trim it. Nobody but the ``default`` user can delete or XSETID it, so removals are detectable:
@@ -38,14 +43,16 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from intercept import names
-from scoring import redisconn
+from media.queue import QUEUES, index_key
+from scoring import keys, redisconn
 
 PROXY = "proxy"
 OPS = "ops"
 MEDIA = "media"
 DELIVER = "deliver"
 LI_ADMIN = "li-admin"
-ROLES = (PROXY, OPS, MEDIA, DELIVER, LI_ADMIN)
+METRICS = "metrics"
+ROLES = (PROXY, OPS, MEDIA, DELIVER, LI_ADMIN, METRICS)
 USER_PREFIX = "spitwall-"
 
 #: every ``spitwall:`` key except those under ``spitwall:li:``
@@ -55,6 +62,9 @@ NON_LI_KEYS = (
 )  # fmt: skip
 LI_KEYS = f"~{names.PREFIX}*"  # ~spitwall:li:*
 LI_STREAMS = f"{names.PREFIX}{{ev}}:*"  # events, dead letters, delivery counters
+#: the keys `ops.metrics` reads (and nothing else)
+METRICS_KEYS = (keys.STATS, keys.KILL_SWITCH, keys.CONFIG_VERSION, keys.LISTS_VERSION,
+                *(index_key(q) for q in QUEUES))
 
 #: what redis-py sends on connect (AUTH/HELLO, CLIENT SETNAME, SELECT) plus PING
 CONNECTION = (
@@ -110,6 +120,10 @@ RULES: dict[str, tuple[str, ...]] = {
         "+hset", "+hdel", "+hexists", "+hlen", "+hkeys", "+xadd", "+xrange", "+xrevrange", "+xlen",
         "+xinfo", "+xpending",
         f"(~{LI_STREAMS} +xdel +xtrim +xack +xclaim +xautoclaim +xgroup +xreadgroup)",
+    ),
+    METRICS: (
+        *(f"%R~{k}" for k in METRICS_KEYS), "resetchannels", *CONNECTION,
+        "+hgetall", "+get", "+zcard",
     ),
 }
 

@@ -23,10 +23,12 @@ from typing import Any
 
 import msgpack
 
-from scoring import keys
+from scoring import config_admin, keys, reputation
 
 QUEUES = ("spam", "voicemail")
+VERDICTS = ("spam", "ham")
 RECORD_VERSION = 1
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
 class QueueFull(Exception):
@@ -119,7 +121,7 @@ class MessageQueue:
             self.delete(queue, mid)
 
     def delete(self, queue: str, mid: str) -> None:
-        _safe_id(mid)
+        safe_id(mid)
         blob = self.client.hget(meta_key(queue), mid)
         if blob:
             with contextlib.suppress(FileNotFoundError, KeyError):
@@ -130,7 +132,7 @@ class MessageQueue:
         pipe.execute()
 
     def get(self, mid: str) -> Message:
-        _safe_id(mid)
+        safe_id(mid)
         for q in QUEUES:
             blob = self.client.hget(meta_key(q), mid)
             if blob:
@@ -150,11 +152,15 @@ class MessageQueue:
                     meta = msgpack.unpackb(blob, raw=False)
                     yield Message(mid, q, meta, Path(meta["path"]))
 
-    def mark(self, mid: str, verdict: str) -> Message:
-        if verdict not in ("spam", "ham"):
+    def mark(self, mid: str, verdict: str, *, by: str | None = None) -> Message:
+        """Record the operator's verdict (and who gave it, for the audit trail). Only the
+        metadata changes: use `mark_with_feedback` to also feed reputation."""
+        if verdict not in VERDICTS:
             raise ValueError("mark must be spam or ham")
         msg = self.get(mid)
         meta = {**msg.meta, "mark": verdict, "marked": time.time()}
+        if by:
+            meta["marked_by"] = by[:128]
         self.client.hset(meta_key(msg.queue), mid, msgpack.packb(meta, use_bin_type=True))
         return Message(mid, msg.queue, meta, msg.path)
 
@@ -167,7 +173,27 @@ class MessageQueue:
         return out
 
 
-def _safe_id(mid: str) -> str:
-    if not mid or len(mid) > 64 or not all(c.isalnum() or c == "-" for c in mid):
+def mark_with_feedback(queue: MessageQueue, mid: str, verdict: str, *,
+                       by: str | None = None) -> Message:
+    """Mark a message and feed the verdict to the caller's and source IP's reputation
+    (`report_spam` / `report_ok`, the live config's half-life).
+
+    The one implementation behind `spitwall queue mark` and the review web page, so that the two
+    cannot diverge. Marking twice feeds reputation twice, like two `spitwall report`s."""
+    msg = queue.mark(mid, verdict, by=by)
+    cfg, _raw = config_admin.show(queue.client)
+    caller, ip = str(msg.meta.get("caller_key", "")), str(msg.meta.get("source_ip", ""))
+    if caller or ip:
+        reputation.apply_feedback(queue.client, caller=caller, ip=ip,
+                                  kind="report_spam" if verdict == "spam" else "report_ok",
+                                  half_life=cfg.get_float("reputation.half_life"),
+                                  v6_prefix=cfg.v6_prefix)
+    return msg
+
+
+def safe_id(mid: str) -> str:
+    """`mid` if it is a well-formed message id (what `store` makes: letters, digits, '-'; at
+    most 64; ASCII only), else ValueError: ids end up in file names, so nothing else may pass."""
+    if not mid or len(mid) > 64 or not all(c in _ID_CHARS for c in mid):
         raise ValueError(f"not a message id: {mid!r}")
     return mid

@@ -254,14 +254,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         args.ip = normalise("ip", args.ip)
     c = client(args)
     cfg, _raw = config_admin.show(c)
-    half = cfg.get_float("reputation.half_life")
+    half, v6 = cfg.get_float("reputation.half_life"), cfg.v6_prefix
     if args.verdict == "show":
-        data = reputation.read(c, caller=args.caller, ip=args.ip or "", half_life=half)
+        data = reputation.read(c, caller=args.caller, ip=args.ip or "", half_life=half,
+                               v6_prefix=v6)
     else:
         kind = "report_spam" if args.verdict == "spam" else "report_ok"
         reputation.apply_feedback(c, caller=args.caller, ip=args.ip or "", kind=kind,
-                                  half_life=half)
-        data = reputation.read(c, caller=args.caller, ip=args.ip or "", half_life=half)
+                                  half_life=half, v6_prefix=v6)
+        data = reputation.read(c, caller=args.caller, ip=args.ip or "", half_life=half,
+                               v6_prefix=v6)
         c.xadd(keys_audit(), {"ts": f"{time.time():.3f}", "user": os_user(), "what": "report",
                               "action": kind, "key": args.caller,
                               "old": "", "new": json.dumps(data)},
@@ -351,18 +353,64 @@ def cmd_queue_play(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_mark(args: argparse.Namespace) -> int:
-    from scoring import config_admin, reputation
+    from media.queue import mark_with_feedback
 
-    q = _queue(args)
-    msg = q.mark(args.id, args.verdict)
-    cfg, _raw = config_admin.show(q.client)
-    caller, ip = str(msg.meta.get("caller_key", "")), str(msg.meta.get("source_ip", ""))
-    if caller or ip:
-        reputation.apply_feedback(q.client, caller=caller, ip=ip,
-                                  kind="report_spam" if args.verdict == "spam" else "report_ok",
-                                  half_life=cfg.get_float("reputation.half_life"))
+    msg = mark_with_feedback(_queue(args), args.id, args.verdict, by=os_user())
     emit(args, _msg_json(msg), lambda: f"marked {args.id} as {args.verdict}")
     return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    """The review web page in the foreground (ops/review.py); SIGTERM/SIGINT stop it, exit 0.
+    Redis is not required at start: the page answers 503 until it is back."""
+    import logging
+
+    from media.queue import MessageQueue
+    from ops import review
+
+    try:
+        host, port = review.parse_listen(args.listen)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    users: dict[str, str] | None = None
+    if args.auth_file is not None:
+        try:
+            users = review.load_users(args.auth_file)
+            too_open = review.auth_file_too_open(args.auth_file)
+        except OSError as exc:
+            raise CliError(f"cannot read --auth-file {args.auth_file}: "
+                           f"{exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        if too_open:
+            sys.stderr.write(f"spitwall: warning: {args.auth_file} is readable by others "
+                             "(chmod 600 it)\n")
+    elif not review.is_loopback(host):
+        raise CliError(f"refusing to serve {host} without --auth-file (--no-auth is for "
+                       "loopback addresses only)")
+    elif not args.no_auth:
+        raise CliError("give --auth-file FILE (user:password lines), or --no-auth to serve "
+                       "this loopback address without a password")
+    url = redis_url(args)
+    try:
+        c = redisconn.client(url, socket_timeout=5, socket_connect_timeout=3)
+    except ValueError as exc:
+        raise CliError(f"bad --redis URL {redisconn.redacted(url)!r}: {exc}") from None
+    queue_dir = args.queue_dir or os.environ.get("SPITWALL_QUEUE_DIR", ".lab/queue")
+    app = review.ReviewApp(MessageQueue(c, queue_dir), users=users)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def ready(server: review.ReviewServer) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"spitwall review: http://{shown}:{server.server_port}/ (queue dir {queue_dir}, "
+              f"Redis {redisconn.redacted(url)}{'' if users else ', no authentication'})",
+              flush=True)
+
+    try:
+        return review.serve(app, host, port, ready=ready)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
 
 
 def cmd_media(args: argparse.Namespace) -> int:
@@ -381,6 +429,46 @@ def cmd_stats(args: argparse.Namespace) -> int:
     data = {_text(k): int(v) for k, v in raw.items()}
     emit(args, data, lambda: "\n".join(f"{k:24} {v}" for k, v in sorted(data.items()))
          or "no calls counted yet")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """The Prometheus exporter in the foreground (ops/metrics.py); SIGTERM/SIGINT stop it,
+    exit 0. Redis is not required at start: scrapes say spitwall_redis_up 0 until it is back."""
+    import logging
+
+    from ops import metrics
+
+    try:
+        host, port = metrics.parse_listen(args.listen)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    url = redis_url(args)
+    li_url: str | None = args.li_redis or os.environ.get("SPITWALL_LI_REDIS") or None
+    for what, u in (("--redis", url), ("--li-redis", li_url)):
+        try:
+            if u is not None:
+                redisconn.check_url(u)
+        except ValueError as exc:
+            raise CliError(f"bad {what} URL {redisconn.redacted(str(u))!r}: {exc}") from None
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not metrics.is_loopback(host):
+        sys.stderr.write(f"spitwall: warning: {args.listen} is not a loopback address and the "
+                         "metrics endpoint has no authentication: anyone who reaches it reads "
+                         "the counters (firewall it to your Prometheus)\n")
+    collector = metrics.SpitwallCollector(
+        url, media_stats=Path(args.media_stats) if args.media_stats else None,
+        li_redis_url=li_url)
+
+    def ready(endpoint: str) -> None:
+        li = f"; intercept counters from {redisconn.redacted(li_url)}" if li_url else ""
+        print(f"spitwall metrics: {endpoint} (Redis {redisconn.redacted(url)}{li})", flush=True)
+
+    try:
+        metrics.serve(collector, host, port, ready=ready)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
     return 0
 
 
@@ -720,6 +808,20 @@ def build_parser() -> argparse.ArgumentParser:
     qm.add_argument("verdict", choices=("spam", "ham"))
     qm.set_defaults(func=cmd_queue_mark)
 
+    rv = sub.add_parser("review", parents=[common],
+                        help="the queue review web page (foreground; SIGTERM stops it)")
+    rv.add_argument("--listen", default="127.0.0.1:8088", metavar="HOST:PORT",
+                    help="address to serve on (default 127.0.0.1:8088; IPv6: [::1]:8088)")
+    rva = rv.add_mutually_exclusive_group()
+    rva.add_argument("--auth-file", metavar="FILE",
+                     help="HTTP Basic users, one user:password line each (required off loopback)")
+    rva.add_argument("--no-auth", action="store_true",
+                     help="no password (only with a loopback --listen)")
+    rv.add_argument("--queue-dir", metavar="DIR",
+                    help="the answering machine's queue directory (default: "
+                    "$SPITWALL_QUEUE_DIR or .lab/queue)")
+    rv.set_defaults(func=cmd_review)
+
     md = sub.add_parser("media", help="run the phase-2 answering machine (foreground)",
                         add_help=False)
     md.add_argument("rest", nargs=argparse.REMAINDER)
@@ -729,6 +831,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stats", parents=[common], help="decision counters")
     st.set_defaults(func=cmd_stats)
+
+    mt = sub.add_parser("metrics", parents=[common],
+                        help="Prometheus exporter (foreground; SIGTERM stops it)")
+    mt.add_argument("--listen", default="127.0.0.1:9464", metavar="HOST:PORT",
+                    help="address to serve /metrics on (default 127.0.0.1:9464; IPv6: "
+                    "[::1]:9464); there is no authentication")
+    mt.add_argument("--media-stats", metavar="FILE",
+                    help="the answering machine's --stats-file, exported too")
+    mt.add_argument("--li-redis", metavar="URL",
+                    help="intercept role's Redis URL (default $SPITWALL_LI_REDIS): exports the "
+                    "delivery worker's counters and backlog; inside the LI domain only")
+    mt.set_defaults(func=cmd_metrics)
     return top
 
 

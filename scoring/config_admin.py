@@ -41,8 +41,10 @@ def set_value(client: redis.Redis, key: str, text: str, user: str | None = None)
                 value = validate_change(raw, key, text)
                 stored = _canonical(value)
                 old = raw.get(key, f"{_canonical(PARAMS[key].default)} (default)")
+                enabled = value if key == "enabled" else Config.from_raw(raw)["enabled"]
                 pipe.multi()
                 pipe.hset(keys.CONFIG, key, stored)
+                pipe.set(keys.KILL_SWITCH, "1" if enabled else "0")
                 pipe.incr(keys.CONFIG_VERSION)
                 audit.append(pipe, what="config", action="set", key=key, old=old, new=stored,
                              user=user)
@@ -65,9 +67,11 @@ def reset(client: redis.Redis, key: str | None = None, user: str | None = None) 
                 check_values(strict_values(remaining))  # e.g. divert must stay <= reject
                 targets = [key] if key is not None else sorted(raw)
                 present = [k for k in targets if k in raw]
+                enabled = Config.from_raw(remaining)["enabled"]
                 pipe.multi()
                 if present:
                     pipe.hdel(keys.CONFIG, *present)
+                pipe.set(keys.KILL_SWITCH, "1" if enabled else "0")
                 pipe.incr(keys.CONFIG_VERSION)
                 audit.append(pipe, what="config", action="reset", key=key or "*",
                              old=", ".join(f"{k}={raw[k]}" for k in present), new="defaults",

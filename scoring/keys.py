@@ -24,6 +24,9 @@ CONFIG = f"{PREFIX}:{{cfg}}:config"
 CONFIG_VERSION = f"{PREFIX}:{{cfg}}:version"
 LISTS_VERSION = f"{PREFIX}:{{cfg}}:lists_version"
 AUDIT = f"{PREFIX}:{{cfg}}:audit"  # same tag as what it audits: one MULTI on a cluster
+#: "1"/"0": the kill switch (`enabled`) mirrored by every config change, for readers that must
+#: not read the config hash (it holds secrets such as `media.token_key`): the metrics role
+KILL_SWITCH = f"{PREFIX}:{{cfg}}:enabled"
 STATS = f"{PREFIX}:{{stats}}:counters"
 X5U_MISSES = f"{PREFIX}:{{stir}}:x5u_misses"  # certificate URLs to fetch (bounded list)
 X5U_MISSES_MAX = 1000

@@ -20,7 +20,7 @@ import redis
 from redis.exceptions import NoPermissionError
 
 from intercept import acl, names, provision
-from media.queue import MessageQueue
+from media.queue import QUEUES, MessageQueue, index_key, meta_key
 from ops import cli
 from scoring import config_admin, keys, reputation
 from scoring.model import Action, Contribution, Decision
@@ -345,6 +345,48 @@ def test_deliver_consumes_the_stream(client_for: ClientFor, li_state: None,
                     ("SCAN", "0"), ("FLUSHALL",)):
         _noperm(functools.partial(d.execute_command, *command))
     assert provision.audit_integrity(admin)["removed"] == 0
+
+
+# -- metrics (the Prometheus exporter, ops/metrics.py) --------------------------------------
+def test_metrics_reads_the_exported_keys_and_nothing_more(client_for: ClientFor, li_state: None,
+                                                          admin: redis.Redis) -> None:
+    admin.hincrby(keys.STATS, "action:relay", 2)
+    admin.zadd(index_key("spam"), {"m1": 1.0})
+    config_admin.set_value(admin, "enabled", "false", user="test")
+    m = client_for(acl.METRICS)
+    assert m.ping()
+    pipe = m.pipeline(transaction=False)  # what the exporter sends, in one pipeline
+    pipe.hgetall(keys.STATS)
+    for q in QUEUES:
+        pipe.zcard(index_key(q))
+    pipe.get(keys.KILL_SWITCH)
+    pipe.get(keys.CONFIG_VERSION)
+    pipe.get(keys.LISTS_VERSION)
+    assert pipe.execute() == [{b"action:relay": b"2"}, 1, 0, b"0", b"1", None]
+    # not the config hash: it holds the pass-token key
+    config_admin.set_value(admin, "media.token_key", "k" * 32, user="test")
+    for read in (lambda: m.hget(keys.CONFIG, "media.token_key"),
+                 lambda: m.hget(keys.CONFIG, "enabled")):
+        assert "no permissions" in _noperm(read)
+    assert "no permissions" in _noperm(lambda: m.hgetall(keys.CONFIG))
+    for key in [*LI_KEYS, names.DELIVERY_STATS, names.SUBSCRIPTIONS]:
+        for fn in (lambda k=key: m.get(k), lambda k=key: m.hgetall(k),
+                   lambda k=key: m.execute_command("XLEN", k),
+                   lambda k=key: m.execute_command("XINFO", "GROUPS", k),
+                   lambda k=key: m.zcard(k), lambda k=key: m.exists(k)):
+            assert "no permissions" in _noperm(fn)
+    # read-only, and only its own keys: no other operator state, no writes, no enumeration
+    for command in (("HINCRBY", keys.STATS, "action:relay", "1"), ("DEL", keys.STATS),
+                    ("HSET", keys.CONFIG, "enabled", "true"), ("INCR", keys.CONFIG_VERSION),
+                    ("ZADD", index_key("spam"), "1", "x"), ("ZRANGE", index_key("spam"), "0", "-1"),
+                    ("HGETALL", meta_key("spam")), ("HGETALL", keys.list_key("block")),
+                    ("GET", keys.DECISION_SEQ), ("HGETALL", keys.decision_buckets()[0]),
+                    ("XRANGE", keys.AUDIT, "-", "+"), ("EXPIRE", keys.STATS, "1"),
+                    ("EVAL", "return 1", "0"), ("SCAN", "0"), ("KEYS", "*"), ("DBSIZE",),
+                    ("INFO", "keyspace"), ("CONFIG", "GET", "*"), ("CLIENT", "LIST"),
+                    ("FLUSHALL",), ("SUBSCRIBE", "x")):
+        _noperm(functools.partial(m.execute_command, *command))
+    assert admin.hget(keys.STATS, "action:relay") == b"2"
 
 
 # -- applying the users --------------------------------------------------------------------

@@ -209,3 +209,25 @@ def test_audit_stream_is_capped(r: redis.Redis, monkeypatch: pytest.MonkeyPatch)
         config_admin.set_value(r, "weight.sweep", str(i % 10), user="u")
     # approximate trimming: bounded, well below the number of changes
     assert r.xlen(keys.AUDIT) < 300
+
+
+def test_every_change_mirrors_the_kill_switch(r: redis.Redis) -> None:
+    """`spitwall:{cfg}:enabled` follows the effective `enabled` after every change, for readers
+    that may not read the config hash (the metrics role)."""
+    assert r.get(keys.KILL_SWITCH) is None
+    config_admin.set_value(r, "divert_threshold", "0.4")
+    assert r.get(keys.KILL_SWITCH) == "1"  # default, written with any change
+    config_admin.set_value(r, "enabled", "off")
+    assert r.get(keys.KILL_SWITCH) == "0"
+    config_admin.set_value(r, "reject_threshold", "0.9")  # another key: still off
+    assert r.get(keys.KILL_SWITCH) == "0"
+    config_admin.reset(r, "divert_threshold")
+    assert r.get(keys.KILL_SWITCH) == "0"
+    config_admin.reset(r, "enabled")
+    assert r.get(keys.KILL_SWITCH) == "1"
+    config_admin.set_value(r, "enabled", "false")
+    config_admin.reset(r)  # everything back to defaults
+    assert r.get(keys.KILL_SWITCH) == "1"
+    with pytest.raises(ValueError):
+        config_admin.set_value(r, "enabled", "maybe")
+    assert r.get(keys.KILL_SWITCH) == "1"  # a refused change changes nothing
