@@ -200,14 +200,27 @@ class Handler:
             self._barrier(exc, "failure_route")
         return 1
 
-    def _media_fallback(self) -> None:
+    def spitwall_failure(self, msg: Any) -> int:
+        """The failure-route entry point for native cfgs (`python_exec("spitwall_failure")` in
+        the failure_route armed for INVITEs): relays a diverted call the answering machine did
+        not take (`media.fallback`). Returns 1 when it relayed a new branch, -1 otherwise
+        (nothing to do, fallback off, or an error: the failure goes back to the caller)."""
+        try:
+            if KSR.tm.t_is_canceled() > 0:
+                return -1
+            return 1 if self._media_fallback() else -1
+        except Exception as exc:  # logged with traceback and counted
+            self._barrier(exc, "failure_route")
+            return -1
+
+    def _media_fallback(self) -> bool:
         """A diverted call the answering machine did not take (no reply within `media.timeout`,
         overloaded, refused): relay it to the callee after all, unless `media.fallback` is
         `reject`. Fail-open, as when Redis is down: a broken answering machine must not drop
         the calls it would have let through."""
         orig = KSR.pv.get("$avp(sw_orig_ru)")
         if not isinstance(orig, str) or not orig:
-            return  # not a diverted call, or already fallen back once
+            return False  # not a diverted call, or already fallen back once
         KSR.pv.unset("$avp(sw_orig_ru)")
         svc = self._ensure_service()
         # a rare event, and after a timeout we run in tm's timer process, whose config is not
@@ -216,7 +229,7 @@ class Handler:
         code = read_pv("$T_reply_code", 8)
         if str(svc.config["media.fallback"]) != "relay":
             log.info("answering machine failed (%s); media.fallback=reject", code)
-            return
+            return False
         # the new branch carries what was saved before the divert headers (t_save_lumps)
         KSR.pv.sets("$ru", orig)
         if self.next_hop:
@@ -230,7 +243,7 @@ class Handler:
         KSR.tm.t_reset_fr()
         if KSR.tm.t_relay() < 0:
             log.warning("answering machine failed (%s) and the fallback relay failed", code)
-            return
+            return False
         log.info("answering machine failed (%s): diverted call relayed to the callee", code)
         # counted at once: a timeout runs this in tm's timer process, which scores no calls
         # and so never flushes the counters a SIP worker flushes
@@ -238,6 +251,7 @@ class Handler:
             svc.store.count("media_fallback")
         except RedisUnavailable:
             svc.counters["record_lost"] += 1
+        return True
 
     def ksr_tap_reply(self, msg: Any) -> int:
         """Per-transaction reply route, armed only for intercept/recording target calls."""

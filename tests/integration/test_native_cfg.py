@@ -74,3 +74,24 @@ def test_relay_reject_and_divert_through_python_exec(native_factory: Any) -> Non
         # for functions): the rejected call never reaches the cfg's next line
         assert _avp_lines(r.lab) == ["spitwall_rc=1 action=relay"] * 2 + [
             "spitwall_rc=2 action=divert"]
+
+
+def test_native_failure_route_relays_when_the_answering_machine_is_dead(
+        native_factory: Any) -> None:
+    """`python_exec("spitwall_failure")` in the cfg's failure route: a diverted call whose
+    answering machine never answers reaches the callee after `media.timeout`."""
+    from ops.sipp import free_udp_port, start_uas
+
+    with start_uas("127.0.0.1") as hop:
+        dead = free_udp_port("127.0.0.1")
+        lab = native_factory(next_hop=f"sip:127.0.0.1:{hop.port}",
+                             media_uri=f"sip:spitwall-am@127.0.0.1:{dead}")
+        url = lab.state.redis_url
+        for key, value in (("divert_threshold", "0"), ("reject_threshold", "0.99"),
+                           ("media.timeout", "1")):
+            assert spitwall("config", "set", key, value, redis_url=url).returncode == 0
+        res = run_uac("127.0.0.1", lab.state.sip_port, "127.0.10.4", 1, 5, rows(1))
+        assert res.count(200) == 1, res.summary()
+        (inv,) = hop.wait_for_invites(1)
+        assert inv.headers("X-Spitwall-Score") and not inv.headers("Diversion")
+        assert _avp_lines(lab) == ["spitwall_rc=2 action=divert"]
