@@ -91,6 +91,30 @@ class LabError(Exception):
         self.log_tail = list(log_tail)
 
 
+@dataclass(frozen=True)
+class SipTls:
+    """SIP over TLS for the lab's Kamailio: certificate and key (PEM files), an optional CA of
+    client certificates, and whether a client certificate is required (mutual TLS)."""
+
+    cert: str
+    key: str
+    ca: str = ""
+    verify: bool = False
+    port: int | None = None
+
+    def check(self) -> None:
+        for what, path in (("certificate", self.cert), ("key", self.key), ("CA", self.ca)):
+            if not path and what == "CA":
+                continue
+            if not Path(path).is_file():
+                raise LabError(f"--sip-tls-{'cert' if what == 'certificate' else what.lower()} "
+                               f"{path!r} is not a readable file")
+            if '"' in path or not Path(path).is_absolute():
+                raise LabError(f"TLS {what} path must be absolute and without quotes: {path!r}")
+        if self.verify and not self.ca:
+            raise LabError("--sip-tls-verify needs --sip-tls-ca (the CA of client certificates)")
+
+
 @dataclass
 class LabState:
     """Everything needed to reach, probe and stop a running lab; persisted as ``lab.json``.
@@ -125,6 +149,13 @@ class LabState:
     media_port: int = 0
     #: dual stack: Kamailio also listens on this IPv6 address, same port ('' = not)
     sip_addr6: str = ""
+    #: SIP over TLS (0 = off): Kamailio's TLS port and its certificate, key, optional CA and
+    #: whether clients must present a certificate from that CA (mutual TLS)
+    sip_tls_port: int = 0
+    sip_tls_cert: str = ""
+    sip_tls_key: str = ""
+    sip_tls_ca: str = ""
+    sip_tls_verify: bool = False
 
     @property
     def sip_uri(self) -> str:
@@ -322,22 +353,38 @@ def _redis_answers(url: str, timeout: float = 1.0) -> bool:
 
 
 def _kamailio_answers(state: LabState, timeout: float = 1.0) -> bool:
+    addrs = [a for a in (state.sip_addr, state.sip_addr6) if a]
     return all(sip_options_ping(addr, state.sip_port, timeout, src_host=addr) == 200
-               for addr in (state.sip_addr, state.sip_addr6) if addr)
+               for addr in addrs) and (
+        not state.sip_tls_port or all(_tcp_listens(a, state.sip_tls_port, timeout)
+                                      for a in addrs))
 
 
-def free_sip_port(addr: str, addr6: str = "") -> int:
-    """A port free for UDP and TCP on `addr` and, for a dual-stack lab, on `addr6` too."""
+def _tcp_listens(addr: str, port: int, timeout: float) -> bool:
+    """Something accepts TCP connections on addr:port (the TLS listener; no handshake, which
+    with mutual TLS would need a client certificate)."""
+    try:
+        with socket.create_connection((addr, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_sip_port(addr: str, addr6: str = "", proto: str = "both") -> int:
+    """A port free for UDP and TCP (or `proto`) on `addr` and, for a dual-stack lab, on
+    `addr6` too."""
     for _ in range(50):
-        port = free_port(addr, "both")
-        if not addr6 or _port_free_both(addr6, port):
+        port = free_port(addr, proto)
+        if not addr6 or _port_free_both(addr6, port, proto):
             return port
     raise LabError(f"no SIP port free on both {addr} and {addr6}")
 
 
-def _port_free_both(addr: str, port: int) -> bool:
+def _port_free_both(addr: str, port: int, proto: str = "both") -> bool:
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+    kinds = {"udp": (socket.SOCK_DGRAM,), "tcp": (socket.SOCK_STREAM,)}.get(
+        proto, (socket.SOCK_DGRAM, socket.SOCK_STREAM))
+    for kind in kinds:
         with socket.socket(family, kind) as sock:
             try:
                 sock.bind((addr, port))
@@ -476,8 +523,11 @@ class Lab:
         redis_users: bool | None = None,
         media_uri: str | None = None,
         sip_addr6: str | None = None,
+        sip_tls: SipTls | None = None,
     ) -> LabState:
         """Start the lab and return once every service answers.
+
+        ``sip_tls`` adds SIP over TLS listeners (Kamailio's tls module) with that certificate.
 
         ``sip_addr6`` (an IPv6 address) makes Kamailio dual stack: it also listens there, on the
         same port, and relays between IPv4 and IPv6 (the other services stay on ``sip_addr``).
@@ -503,6 +553,8 @@ class Lab:
                 raise LabError("--sip-addr6 adds IPv6 to an IPv4 --sip-addr; "
                                f"{sip_addr} is IPv6 already")
             sip_addr6 = str(v6)
+        if sip_tls is not None:
+            sip_tls.check()
         if media_uri is not None and (not media_uri.startswith(("sip:", "sips:"))
                                       or any(ch.isspace() for ch in media_uri)):
             raise LabError(f"media URI must be a sip: or sips: URI, not {media_uri[:80]!r}")
@@ -522,7 +574,7 @@ class Lab:
                 self.state_path.unlink()
             return self._start_all(
                 sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children, timeout,
-                redis_users, media_uri, sip_addr6 or "",
+                redis_users, media_uri, sip_addr6 or "", sip_tls,
             )
 
     def _start_all(
@@ -538,6 +590,7 @@ class Lab:
         redis_users: bool | None = None,
         media_uri: str | None = None,
         sip_addr6: str = "",
+        sip_tls: SipTls | None = None,
     ) -> LabState:
         own_redis = redis_url is None
         make_users = own_redis if redis_users is None else redis_users
@@ -562,6 +615,10 @@ class Lab:
             started_at=time.time(),
             sip_addr6=sip_addr6,
         )
+        if sip_tls is not None:
+            state.sip_tls_port = sip_tls.port or free_sip_port(sip_addr, sip_addr6, "tcp")
+            state.sip_tls_cert, state.sip_tls_key = sip_tls.cert, sip_tls.key
+            state.sip_tls_ca, state.sip_tls_verify = sip_tls.ca, sip_tls.verify
         try:
             if own_redis:
                 self._start_redis(state, redis_port or 0)
@@ -678,6 +735,7 @@ class Lab:
             "-A", f"SIP_ADDR={state.sip_addr}",
             *(["-A", f"SIP_ADDR6={state.sip_addr6}"] if state.sip_addr6 else []),
             "-A", f"SIP_PORT={state.sip_port}",
+            *(self._tls_defines(state) if state.sip_tls_port else []),
             "-A", f"REDIS_URL={redis_define}",
             "-A", f"NEXT_HOP={state.next_hop or 'none'}",
             "-A", f"MEDIA_URI={state.media_uri}",
@@ -687,6 +745,16 @@ class Lab:
             # kamailio.cfg loads the handler by path; a string define must carry its quotes.
             "-A", f'SPITWALL_HANDLER="{REPO_ROOT / "kemi" / "handler.py"}"',
         ]  # fmt: skip
+
+    @staticmethod
+    def _tls_defines(state: LabState) -> list[str]:
+        # string defines carry their quotes (paths were checked: no quote inside)
+        out = ["-A", f"SIP_TLS_PORT={state.sip_tls_port}",
+               "-A", f'TLS_CERT="{state.sip_tls_cert}"', "-A", f'TLS_KEY="{state.sip_tls_key}"',
+               "-A", f"TLS_VERIFY={int(state.sip_tls_verify)}"]
+        if state.sip_tls_ca:
+            out += ["-A", f'TLS_CA="{state.sip_tls_ca}"']
+        return out
 
     def _start_kamailio(self, state: LabState, timeout: float) -> None:
         log_path = self.workdir / "kamailio.log"
@@ -880,6 +948,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up.add_argument("--sip-addr", default="127.0.0.1", help="SIP listen address")
     up.add_argument("--sip-addr6", metavar="IPV6",
                     help="dual stack: Kamailio also listens on this IPv6 address (e.g. ::1)")
+    up.add_argument("--sip-tls-cert", metavar="PEM", type=Path,
+                    help="SIP over TLS: the proxy's certificate (with --sip-tls-key)")
+    up.add_argument("--sip-tls-key", metavar="PEM", type=Path, help="its private key")
+    up.add_argument("--sip-tls-ca", metavar="PEM", type=Path,
+                    help="CA of client certificates (for --sip-tls-verify)")
+    up.add_argument("--sip-tls-verify", action="store_true",
+                    help="mutual TLS: only clients with a certificate from --sip-tls-ca")
+    up.add_argument("--sip-tls-port", type=_port, help="TLS port (default: a free one)")
     up.add_argument("--sip-port", type=_port, help="SIP port, udp and tcp (default: a free one)")
     up.add_argument("--redis-port", type=_port, help="port of our redis-server (default: free)")
     up.add_argument("--next-hop", metavar="sip:HOST:PORT", help="where relayed calls go")
@@ -926,6 +1002,16 @@ def _fail(command: str, exc: LabError) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     lab = Lab(args.workdir, args.kamailio_cfg)
+    tls: SipTls | None = None
+    if args.sip_tls_cert or args.sip_tls_key:
+        if not (args.sip_tls_cert and args.sip_tls_key):
+            return _fail("up", LabError("--sip-tls-cert and --sip-tls-key go together"))
+        tls = SipTls(str(args.sip_tls_cert.absolute()), str(args.sip_tls_key.absolute()),
+                     str(args.sip_tls_ca.absolute()) if args.sip_tls_ca else "",
+                     args.sip_tls_verify, args.sip_tls_port)
+    elif args.sip_tls_ca or args.sip_tls_verify or args.sip_tls_port:
+        return _fail("up", LabError("--sip-tls-ca/--sip-tls-verify/--sip-tls-port need "
+                                    "--sip-tls-cert and --sip-tls-key"))
     try:
         state = lab.up(
             sip_addr=args.sip_addr,
@@ -937,6 +1023,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             children=args.children,
             redis_users=args.redis_users,
             sip_addr6=args.sip_addr6,
+            sip_tls=tls,
         )
     except LabError as exc:
         if exc.log_tail:
@@ -951,6 +1038,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if state.sip_addr6:
         host6 = _uri_host(state.sip_addr6)
         print(f"              udp:{host6}:{state.sip_port}  tcp:{host6}:{state.sip_port}")
+    if state.sip_tls_port:
+        mutual = ", client certificates required" if state.sip_tls_verify else ""
+        print(f"              tls:{host}:{state.sip_tls_port}{mutual}")
     from scoring import redisconn
 
     redis_owner = f"redis-server pid {state.pids['redis']}" if state.own_redis else "external"
