@@ -7,11 +7,13 @@
 
 Replaces @PREFIX@, @CONFDIR@ and @STATEDIR@ in the templates under deploy/ and writes:
 
-* UNITDIR/spitwall-{media,deliver,stir-fetch}.service and UNITDIR/kamailio.service.d/spitwall.conf
-  (a drop-in for Debian's kamailio.service), mode 0644, replaced on every run;
+* UNITDIR/spitwall-{media,deliver,stir-fetch,metrics,review}.service and
+  UNITDIR/kamailio.service.d/spitwall.conf (a drop-in for Debian's kamailio.service), mode 0644,
+  replaced on every run;
 * SYSUSERSDIR/spitwall.conf and TMPFILESDIR/spitwall.conf (the users and the state directories);
 * CONFDIR/ROLE.env.example (refreshed on every run, no secrets) and CONFDIR/ROLE.env, mode 0600,
-  created from the example only when it does not exist: an env file is never overwritten.
+  created from the example only when it does not exist: an env file is never overwritten; the
+  same for CONFDIR/review.users (the review page's users, passed to it with LoadCredential=).
 
 Then prints the commands that remain (systemd-sysusers, systemd-tmpfiles, systemctl). Bad
 arguments give one line on stderr and exit 2, before anything is written. docs/deployment.md.
@@ -32,10 +34,16 @@ from typing import NoReturn
 DEPLOY = Path(__file__).resolve().parent
 
 #: the services this kit installs (Kamailio's own unit is Debian's, with our drop-in)
-SERVICES = ("spitwall-media.service", "spitwall-deliver.service", "spitwall-stir-fetch.service")
+SERVICES = ("spitwall-media.service", "spitwall-deliver.service", "spitwall-stir-fetch.service",
+            "spitwall-metrics.service", "spitwall-review.service")
+#: the operator's services among them: enabled on their own once their files are filled in
+OPTIONAL_SERVICES = ("spitwall-metrics.service", "spitwall-review.service")
 DROPIN = "kamailio.service.d/spitwall.conf"
 #: env file per role (the Redis user of intercept/acl.py the service runs as is named inside)
-ENV_FILES = ("proxy.env", "media.env", "deliver.env", "stir-fetch.env")
+ENV_FILES = ("proxy.env", "media.env", "deliver.env", "stir-fetch.env", "metrics.env",
+             "review.env")
+#: other root-only files with secrets, handled like the env files (example + never overwritten)
+SECRET_FILES = ("review.users",)
 #: what the prefix must hold for the rendered units to run
 PREFIX_NEEDS = (".venv/bin/spitwall", "kamailio.cfg", "kemi/handler.py")
 
@@ -121,7 +129,7 @@ def plan(args: argparse.Namespace) -> list[Output]:
                       from_template("sysusers.d/spitwall.conf"), 0o644))
     out.append(Output(dirs["tmpfilesdir"] / "spitwall.conf",
                       from_template("tmpfiles.d/spitwall.conf"), 0o644))
-    for env in ENV_FILES:
+    for env in (*ENV_FILES, *SECRET_FILES):
         example = from_template(f"env/{env}.example")
         out.append(Output(dirs["confdir"] / f"{env}.example", example, 0o644))
         out.append(Output(dirs["confdir"] / env, example, 0o600, keep=True))
@@ -154,15 +162,18 @@ def _write(item: Output) -> bool:
 def next_steps(args: argparse.Namespace) -> list[str]:
     sysusers = Path(os.path.normpath(args.sysusersdir)) / "spitwall.conf"
     tmpfiles = Path(os.path.normpath(args.tmpfilesdir)) / "spitwall.conf"
-    envs = str(Path(os.path.normpath(args.confdir)) / "{" ) + ",".join(
+    confdir = Path(os.path.normpath(args.confdir))
+    envs = str(confdir / "{") + ",".join(
         env.removesuffix(".env") for env in ENV_FILES) + "}.env"
     return [
         f"systemd-sysusers {sysusers}",
         f"systemd-tmpfiles --create {tmpfiles}",
         f"# fill in {envs}: Redis role URLs, addresses (docs/deployment.md)",
         "systemctl daemon-reload",
-        "systemctl enable --now " + " ".join(SERVICES),
+        "systemctl enable --now " + " ".join(s for s in SERVICES if s not in OPTIONAL_SERVICES),
         "systemctl enable kamailio.service && systemctl restart kamailio.service",
+        f"# optional, once metrics.env, review.env and {confdir / 'review.users'} are filled in:",
+        "systemctl enable --now " + " ".join(OPTIONAL_SERVICES),
     ]
 
 

@@ -37,10 +37,14 @@ Glob note (Redis 7.0 ``stringmatchlen``): ``[^l]`` matches exactly one character
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from intercept import names
 from media.queue import QUEUES, index_key
@@ -222,6 +226,72 @@ def user_url(base_url: str, role: str, password: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path or "/0", parts.query, ""))
+
+
+def password_of(url: str) -> str:
+    """The (percent-decoded) password of a role URL as `user_url` writes it; "" for none."""
+    return unquote(urlsplit(url).password or "")
+
+
+def complete_passwords(existing: Mapping[str, str],
+                       roles: Sequence[str] = ROLES) -> tuple[dict[str, str], list[str]]:
+    """Every role of ``roles`` with its password: the ``existing`` one (role -> password), else a
+    fresh one (`generate_passwords`). Returns (passwords, the roles that got a fresh one). Roles
+    in ``existing`` that this version does not know (a file from a newer version) are left out.
+
+    So a re-run after an upgrade that added a role (``metrics``) creates that role's user and
+    changes no other password: every running service keeps working."""
+    for role in roles:
+        user_name(role)
+    missing = [role for role in roles if not existing.get(role)]
+    fresh = generate_passwords(missing)
+    return {role: existing.get(role) or fresh[role] for role in roles}, missing
+
+
+def ensure_users_file(path: str | os.PathLike[str], admin_url: str,
+                      roles: Sequence[str] = ROLES) -> tuple[dict[str, str], list[str]]:
+    """The role passwords of a users file (a JSON object role -> `user_url` URL, mode 0600, as
+    docs/deployment.md keeps it in ``/root/spitwall-redis-users.json``), completed first.
+
+    Roles missing from the file -- all of them when there is no file yet, a role added by an
+    upgrade otherwise -- get a fresh password, and their URLs (the host, port and database of
+    ``admin_url``, its credentials dropped) are added to the file, which is replaced atomically
+    with mode 0600 *before* any user is created, so a run that fails half-way is repeated with
+    the same passwords. Existing entries, unknown roles included, are kept as they are; with
+    nothing missing the file is not touched. Returns (role -> password for ``roles``, the roles
+    added). ValueError for a file that is not such an object, or whose URL has no password."""
+    target = Path(path)
+    urls: dict[str, str] = {}
+    if target.exists():
+        try:
+            data = json.loads(target.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{target} is not a JSON users file: {exc}") from None
+        if not isinstance(data, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+            raise ValueError(f"{target} is not a JSON object of role -> Redis URL")
+        urls = data
+    existing: dict[str, str] = {}
+    for role, url in urls.items():
+        password = password_of(url)
+        if not password:
+            raise ValueError(f"{target}: the URL of role {role!r} has no password")
+        existing[role] = password
+    passwords, added = complete_passwords(existing, roles)
+    if added:
+        merged = {**urls, **{role: user_url(admin_url, role, passwords[role]) for role in added}}
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:  # mkstemp creates it 0600
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(merged, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return passwords, added
 
 
 def describe() -> str:

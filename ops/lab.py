@@ -8,7 +8,7 @@ started), so a lab never kills anything it did not start, and several labs can r
 in different work directories (every port defaults to a free one).
 
 Redis roles: when the lab starts its own redis-server it also creates the ACL users of
-`intercept.acl` (``spitwall-proxy``, ``-ops``, ``-media``, ``-deliver``, ``-li-admin``) with fresh
+`intercept.acl` (``spitwall-ROLE`` for each of the six ``acl.ROLES``, metrics included) with fresh
 random passwords, writes their URLs to ``WORKDIR/redis-users.json`` (mode 0600), and starts
 Kamailio and the services as their users, passing the URL in ``$SPITWALL_REDIS`` -- never on
 the command line, which every local user can read in /proc. The ``default`` user stays as it is

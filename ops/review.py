@@ -135,8 +135,19 @@ def load_users(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def auth_file_too_open(path: str | os.PathLike[str]) -> bool:
-    """True when others than the owner may read the auth file (worth a warning)."""
-    return bool(os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+    """True when others than the owner may read the auth file (worth a warning).
+
+    A systemd credential (``LoadCredential=``: the file is directly in ``$CREDENTIALS_DIRECTORY``)
+    is judged by its "other" bits only. systemd writes it 0400 into a per-service directory on a
+    read-only file system that only the service's user may enter. On ramfs (Debian 12's systemd
+    252) the file then belongs to that user; on tmpfs (newer systemd) it stays root's and the user
+    gets read access through an ACL entry, and `stat` shows the ACL mask in the group bits (0440)
+    although no group may read it: a warning there would be false, on every start."""
+    mode = os.stat(path).st_mode
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and Path(path).resolve().parent == Path(creds).resolve():
+        return bool(mode & stat.S_IRWXO)
+    return bool(mode & (stat.S_IRWXG | stat.S_IRWXO))
 
 
 # -- the WSGI application ---------------------------------------------------------------------

@@ -3,14 +3,17 @@
 There is no systemd as PID 1 here, so each rendered unit is read the way the service manager
 reads it: the [Service] keys of the unit and its drop-ins (an empty ``ExecStart=`` clears the
 list), the environment from ``Environment=`` and then ``EnvironmentFile=`` (later wins), plus
-``$RUNTIME_DIRECTORY`` (what ``RuntimeDirectory=`` sets; a tmp directory here), and ``ExecStart=``
+``$RUNTIME_DIRECTORY`` (what ``RuntimeDirectory=`` sets; a tmp directory here) and
+``$CREDENTIALS_DIRECTORY`` (with ``LoadCredential=ID:PATH``: a tmp directory holding a 0400 copy
+of PATH named ID, as systemd makes it), and ``ExecStart=``
 split into words with ``${VAR}`` replaced inside a word and a lone ``$VAR`` split at whitespace.
 That command line is then started as a real process, in / (systemd's default working
 directory), with only that environment. The env files are the ones the installer wrote, filled
 in as an operator would: the test's redis-server with a Redis ACL user per role (as
 `intercept.acl.apply_users` makes them in production), free ports on 127.0.0.1, the state
-directory in tmp. Each process must come up (SIP OPTIONS 200, or alive and working), talk to
-Redis as its role's user, and never show the password on its command line; it is stopped by pid.
+directory in tmp. Each process must come up (SIP OPTIONS 200, HTTP 200, or alive and working),
+talk to Redis as its role's user, and never show the password on its command line; it is stopped
+by pid.
 
 Not covered here: the sandboxing (ProtectSystem=, users, ...), which only a real service manager
 applies; `systemd-analyze verify` checks the unit syntax (tests/unit/ops/test_deploy.py).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import http.client
 import json
 import os
 import re
@@ -29,6 +33,7 @@ import shutil
 import socket
 import subprocess
 import time
+from base64 import b64encode
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +42,7 @@ import pytest
 import redis
 
 from intercept import acl
+from media.queue import MessageQueue
 from ops.lab import free_sip_port
 from ops.procs import (
     free_port,
@@ -59,7 +65,8 @@ KAMAILIO = Path("/usr/sbin/kamailio")
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: keys that accumulate over the unit and its drop-ins; an empty assignment clears them
 LIST_KEYS = frozenset({"ExecStart", "ExecStartPre", "ExecStartPost", "ExecStop", "Environment",
-                       "EnvironmentFile", "ReadWritePaths"})
+                       "EnvironmentFile", "ReadWritePaths", "ReadOnlyPaths", "LoadCredential",
+                       "SupplementaryGroups"})
 _BRACED = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _LONE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -124,10 +131,34 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
-def service_env(unit: Unit, runtime_dir: Path) -> dict[str, str]:
+def load_credentials(unit: Unit, creds_dir: Path) -> Path | None:
+    """``LoadCredential=ID:PATH`` as systemd does it at start: PATH read (by root: a missing file
+    fails the start), its content written to ``creds_dir/ID`` with mode 0400. None without
+    credentials (then systemd sets no $CREDENTIALS_DIRECTORY)."""
+    specs = unit["Service"].get("LoadCredential", [])
+    if not specs:
+        return None
+    creds_dir.mkdir(parents=True, exist_ok=True)
+    creds_dir.chmod(0o700)  # systemd's: private to the service's user
+    for spec in specs:
+        cred_id, sep, source = spec.partition(":")
+        assert sep and source.startswith("/"), f"LoadCredential={spec}: not ID:/ABSOLUTE/PATH"
+        assert Path(source).is_file(), f"LoadCredential={spec}: no such file (start fails)"
+        target = creds_dir / cred_id
+        target.unlink(missing_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Path(source).read_bytes())
+    return creds_dir
+
+
+def service_env(unit: Unit, runtime_dir: Path,
+                credentials_dir: Path | None = None) -> dict[str, str]:
     """The environment systemd gives the service: its own variables, then Environment=, then
     EnvironmentFile= (a leading '-' makes a file optional; globs allowed), later ones winning."""
     env = {"PATH": SYSTEMD_PATH, "HOME": "/", "RUNTIME_DIRECTORY": str(runtime_dir)}
+    if credentials_dir is not None:
+        env["CREDENTIALS_DIRECTORY"] = str(credentials_dir)
     service = unit["Service"]
     for assignments in service.get("Environment", []):
         for word in shlex.split(assignments):
@@ -198,7 +229,8 @@ class Deployment:
         return path
 
     def command(self, unit: Unit, runtime: Path) -> tuple[list[str], dict[str, str]]:
-        env = service_env(unit, runtime)
+        creds = load_credentials(unit, self.root / "credentials" / runtime.name)
+        env = service_env(unit, runtime, creds)
         return exec_argv(unit, env), env
 
 
@@ -215,7 +247,7 @@ def deployment(tmp_path: Path, redis_url: str) -> Iterator[Deployment]:
          "--sysusersdir", str(tmp_path / "sysusers"), "--tmpfilesdir", str(tmp_path / "tmpfiles")],
         capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    for sub in ("media", "stir"):
+    for sub in ("media", "media/queue", "stir"):  # deploy/tmpfiles.d/spitwall.conf
         (d.statedir / sub).mkdir(parents=True)
     admin = redis.Redis.from_url(redis_url)
     acl.apply_users(admin, d.passwords, keep_other_passwords=True)
@@ -359,6 +391,166 @@ def test_stir_fetch_service_runs_the_loop_as_the_ops_role(deployment: Deployment
             assert "spitwall-ops" in _connected_users(d.redis_url)
         text = log.read_text(errors="replace")
         assert "not on an allow-listed host" in text and "Traceback" not in text, text
+    finally:
+        admin.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the operator's HTTP services (Type=exec): the exporter and the review page
+
+
+def _http(port: int, method: str, path: str, headers: Mapping[str, str] | None = None,
+          body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request to 127.0.0.1:port; (status, headers, body). Redirects are not followed."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def _up(port: int, path: str) -> bool:
+    try:
+        _http(port, "GET", path)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def serving(d: Deployment, unit_file: str, configure: Callable[[int], None], probe: str,
+            timeout: float, argv_map: Callable[[str], str] = lambda word: word,
+            ) -> Iterator[tuple[int, int, list[str], Path]]:
+    """Fill the env file for a free TCP port (``configure(port)``), run the unit's command line
+    (each word through ``argv_map``) and wait until ``probe`` answers HTTP; yields pid, port, the
+    unit's argv (before ``argv_map``), log. A port taken meanwhile is replaced (three tries)."""
+    name = unit_file.removesuffix(".service")
+    for attempt in range(3):
+        port = free_port("127.0.0.1", "tcp")
+        configure(port)
+        argv, env = d.command(parse_unit(d.units / unit_file), d.runtime(name))
+        log = d.root / f"{name}-{attempt}.log"
+        pid = start_process([argv_map(w) for w in argv], log, cwd=Path("/"), env=env)
+        try:
+            def settled(p: int = pid, n: int = port) -> bool:
+                return _up(n, probe) or not pid_alive(p)
+
+            answered = wait_until(settled, timeout)
+            if not pid_alive(pid) and "Address already in use" in _log_tail(log):
+                continue
+            assert answered and pid_alive(pid), (f"no HTTP answer on 127.0.0.1:{port}{probe} "
+                                                 f"within {timeout:.0f}s; log:\n{_log_tail(log)}")
+            yield pid, port, argv, log
+            return
+        finally:
+            stop_pid(pid, ["spitwall", f"127.0.0.1:{port}"])
+    pytest.fail(f"{name}: three free ports were taken before it could bind them")
+
+
+def _metric(text: str, series: str) -> float:
+    """The value of one series (``name`` or ``name{labels}``) of a Prometheus text page."""
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == series:
+            return float(value)
+    raise AssertionError(f"no {series} in:\n{text}")
+
+
+def test_metrics_service_exports_as_the_metrics_role(deployment: Deployment) -> None:
+    d = deployment
+    admin = redis.Redis.from_url(d.redis_url)
+    # /run/spitwall-media: the answering machine's RuntimeDirectory= (its unit says so)
+    media_unit = parse_unit(d.units / "spitwall-media.service")
+    assert one(media_unit, "Service", "RuntimeDirectory") == "spitwall-media"
+    media_run = d.runtime("spitwall-media")
+    (media_run / "stats.json").write_text(json.dumps({"active_calls": 2, "calls": 7}))
+
+    def under_run(word: str) -> str:  # /run/X stands for the tmp run directory here
+        return str(d.root / "run" / word.removeprefix("/run/")) if word.startswith("/run/") \
+            else word
+
+    def configure(port: int) -> None:
+        fill_env(d.confdir / "metrics.env", {
+            "SPITWALL_REDIS": d.url("metrics"), "SPITWALL_METRICS_LISTEN": f"127.0.0.1:{port}",
+            "SPITWALL_METRICS_OPTS": ""})
+
+    try:
+        admin.hset(keys.STATS, mapping={"action:relay": 5, "action:divert": 2})
+        with serving(d, "spitwall-metrics.service", configure, "/metrics", 30.0,
+                     argv_map=under_run) as (pid, port, argv, log):
+            assert argv[:2] == [str(REPO / ".venv/bin/spitwall"), "metrics"]
+            assert argv[argv.index("--listen") + 1] == f"127.0.0.1:{port}"
+            assert argv[argv.index("--media-stats") + 1] == "/run/spitwall-media/stats.json"
+            assert "--redis" not in argv and "--li-redis" not in argv
+            status, headers, body = _http(port, "GET", "/metrics")
+            assert status == 200 and headers["content-type"].startswith("text/plain"), headers
+            text = body.decode()
+            assert _metric(text, "spitwall_redis_up") == 1
+            assert _metric(text, 'spitwall_decisions_total{action="relay"}') == 5
+            assert _metric(text, 'spitwall_decisions_total{action="divert"}') == 2
+            for part in ("stats", "queues", "config"):  # the role may read all it needs
+                assert _metric(text, f'spitwall_redis_read_failed{{part="{part}"}}') == 0
+            assert _metric(text, "spitwall_media_stats_up") == 1
+            assert _metric(text, "spitwall_media_active_calls") == 2
+            assert "spitwall_li_" not in text  # no intercept counters unless asked for
+            _assert_no_secret([pid], d.passwords["metrics"])
+            assert "spitwall-metrics" in _connected_users(d.redis_url)
+            assert pid_alive(pid)
+        assert "Traceback" not in log.read_text(errors="replace")
+    finally:
+        admin.close()
+
+
+def test_review_service_serves_and_marks_as_the_ops_role(deployment: Deployment) -> None:
+    d = deployment
+    admin = redis.Redis.from_url(d.redis_url)
+    # what the answering machine leaves: a recording under the queue dir, indexed in Redis
+    queue_dir = d.statedir / "media" / "queue"
+    msg = MessageQueue(admin, queue_dir).store(
+        "spam", b"\x00\x01" * 800, {"caller": "<sip:+15551230001@198.51.100.7>",
+                                     "caller_key": "+15551230001", "source_ip": "198.51.100.7"})
+    # the operator's users file: root's, 0600 (the service gets a copy as a credential)
+    users = d.confdir / "review.users"
+    users.write_text("# operators\nalice:open-sesame-7\n")
+    users.chmod(0o600)
+    auth = {"Authorization": "Basic " + b64encode(b"alice:open-sesame-7").decode()}
+
+    def configure(port: int) -> None:
+        fill_env(d.confdir / "review.env", {
+            "SPITWALL_REDIS": d.url("ops"), "SPITWALL_REVIEW_LISTEN": f"127.0.0.1:{port}",
+            "SPITWALL_REVIEW_OPTS": ""})
+
+    try:
+        with serving(d, "spitwall-review.service", configure, "/", 30.0) as (
+                pid, port, argv, log):
+            creds = d.root / "credentials" / "spitwall-review"
+            assert argv[:2] == [str(REPO / ".venv/bin/spitwall"), "review"]
+            assert argv[argv.index("--auth-file") + 1] == str(creds / "review.users")
+            assert argv[argv.index("--queue-dir") + 1] == str(queue_dir)
+            assert "--no-auth" not in argv and "--redis" not in argv
+            assert _http(port, "GET", "/")[0] == 401  # the credential's users are enforced
+            status, _headers, body = _http(port, "GET", "/", auth)
+            page = body.decode()
+            assert status == 200 and f'id="m-{msg.id}"' in page, page[:500]
+            status, headers, wav = _http(port, "GET", f"/audio/{msg.id}.wav", auth)
+            assert status == 200 and wav.startswith(b"RIFF"), (status, wav[:40])
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+            assert csrf, page[:500]
+            form = f"id={msg.id}&verdict=spam&csrf={csrf.group(1)}".encode()
+            status, headers, _ = _http(port, "POST", "/mark", {
+                **auth, "Content-Type": "application/x-www-form-urlencoded"}, form)
+            assert status == 303, headers
+            marked = MessageQueue(admin, queue_dir).get(msg.id).meta
+            assert marked["mark"] == "spam" and marked["marked_by"] == "alice (review page)"
+            _assert_no_secret([pid], d.passwords["ops"])
+            _assert_no_secret([pid], "open-sesame-7")
+            assert "spitwall-ops" in _connected_users(d.redis_url)
+            assert pid_alive(pid)
+        text = log.read_text(errors="replace")
+        # the credential (0400, the service user's) passes the "too open" check
+        assert "Traceback" not in text and "readable by others" not in text, text
     finally:
         admin.close()
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
+import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +27,8 @@ from redis.exceptions import NoPermissionError
 from intercept import acl, names, provision
 from media.queue import QUEUES, MessageQueue, index_key, meta_key
 from ops import cli
+from ops.lab import redis_argv
+from ops.procs import free_port, pid_alive, redis_ping, start_process, stop_pid, wait_until
 from scoring import config_admin, keys, reputation
 from scoring.model import Action, Contribution, Decision
 from scoring.store import Store
@@ -31,6 +38,7 @@ from tests.unit.intercept.test_provision import make_cert
 from tests.unit.scoring.support import attempt
 
 ClientFor = Callable[[str], redis.Redis]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -428,6 +436,144 @@ def test_keep_other_passwords_for_a_shared_redis(admin: redis.Redis, redis_url: 
     admin.execute_command("ACL", "DELUSER", acl.user_name(acl.PROXY))
     acl.remove_passwords(admin, second)  # user gone (a restarted Redis): no error
     acl.apply_users(admin, {acl.PROXY: passwords[acl.PROXY]})
+
+
+def _role_ping(url: str) -> bool:
+    c = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        return bool(c.ping())
+    finally:
+        c.close()
+
+
+def _old_users_file(path: Path, redis_url: str, passwords: dict[str, str]) -> None:
+    """The users file as the procedure before `ensure_users_file` left it: one URL per role it
+    knew, mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({r: acl.user_url(redis_url, r, pw) for r, pw in passwords.items()}, f)
+
+
+def test_ensure_users_file_adds_a_new_role_and_keeps_every_password(
+    admin: redis.Redis, redis_url: str, tmp_path: Path,
+) -> None:
+    """An upgrade that adds a role (metrics): the re-run creates that user with a fresh password,
+    written to the file, and leaves every other password as it was (running services go on)."""
+    before = [r for r in acl.ROLES if r != acl.METRICS]
+    old = acl.generate_passwords(before)
+    acl.apply_users(admin, old)
+    admin.execute_command("ACL", "DELUSER", acl.user_name(acl.METRICS))
+    path = tmp_path / "spitwall-redis-users.json"
+    _old_users_file(path, redis_url, old)
+    old_urls = json.loads(path.read_text())
+    # a role a newer version knew (the file survived a rollback): kept, not applied
+    old_urls["future-role"] = "redis://spitwall-future-role:f00d@127.0.0.1:6379/0"
+    path.write_text(json.dumps(old_urls))
+
+    admin_url = redis_url.replace("redis://", "redis://default:admin-secret@")
+    passwords, added = acl.ensure_users_file(path, admin_url)
+    assert added == [acl.METRICS]
+    assert list(passwords) == list(acl.ROLES)
+    assert {r: passwords[r] for r in before} == old
+    assert len(passwords[acl.METRICS]) == 64
+    urls = json.loads(path.read_text())
+    assert {r: urls[r] for r in old_urls} == old_urls  # existing entries untouched
+    assert urls[acl.METRICS] == acl.user_url(redis_url, acl.METRICS, passwords[acl.METRICS])
+    assert "admin-secret" not in path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+    assert acl.apply_users(admin, passwords) == [acl.user_name(r) for r in acl.ROLES]
+    for role in acl.ROLES:  # the old URLs still work, and the new role's too
+        assert _role_ping(urls[role]), role
+    metrics = redis.Redis.from_url(urls[acl.METRICS], socket_timeout=5)
+    try:
+        assert metrics.hgetall(keys.STATS) == {}
+        _noperm(functools.partial(metrics.hgetall, keys.CONFIG))
+    finally:
+        metrics.close()
+
+    # nothing missing: same passwords, the file is not rewritten
+    st = path.stat()
+    again, added = acl.ensure_users_file(path, admin_url)
+    assert (again, added) == (passwords, [])
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+
+
+def test_ensure_users_file_first_run_and_bad_files(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    passwords, added = acl.ensure_users_file(path, "redis://10.0.0.5:6380/2")
+    assert added == list(acl.ROLES) and list(passwords) == list(acl.ROLES)
+    urls = json.loads(path.read_text())
+    assert urls == {r: acl.user_url("redis://10.0.0.5:6380/2", r, pw)
+                    for r, pw in passwords.items()}
+    assert {r: acl.password_of(u) for r, u in urls.items()} == passwords
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert acl.password_of("redis://u:p%2Fq@h/0") == "p/q"
+    for text, message in (("{not json", "not a JSON users file"),
+                          ('["redis://x"]', "JSON object of role"),
+                          ('{"ops": 1}', "JSON object of role"),
+                          ('{"ops": "redis://spitwall-ops@127.0.0.1/0"}', "has no password")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            acl.ensure_users_file(path, "redis://127.0.0.1:6379/0")
+        assert path.read_text() == text  # a bad file is left alone
+    kept, fresh = acl.complete_passwords({acl.OPS: "keep-me", "gone": "x"}, [acl.OPS, acl.MEDIA])
+    assert kept[acl.OPS] == "keep-me" and fresh == [acl.MEDIA] and set(kept) == {"ops", "media"}
+
+
+def _documented_script() -> str:
+    """The Redis-user script of docs/deployment.md, section 2 (the heredoc), as printed."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    section = text[text.index("## 2. Redis role users"):text.index("## 3.")]
+    found = re.search(r"<<'EOF'\n(.*?)\nEOF\n", section, re.S)
+    assert found, "no heredoc in docs/deployment.md section 2"
+    return found.group(1)
+
+
+def test_the_documented_user_script_upgrades_a_users_file(tmp_path: Path) -> None:
+    """docs/deployment.md's script, run as documented against a redis-server with an aclfile
+    (ACL SAVE must work), over a users file without the metrics role, then once more."""
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    aclfile = workdir / "users.acl"
+    aclfile.touch()
+    port = free_port("127.0.0.1", "tcp")
+    pid = start_process([*redis_argv(workdir, port), "--aclfile", str(aclfile)],
+                        workdir / "stdout.log", cwd=workdir)
+    try:
+        assert wait_until(lambda: redis_ping("127.0.0.1", port, 0.5) or not pid_alive(pid), 15)
+        url = f"redis://127.0.0.1:{port}/0"
+        old = acl.generate_passwords([r for r in acl.ROLES if r != acl.METRICS])
+        node = redis.Redis.from_url(url)
+        try:
+            acl.apply_users(node, old)
+        finally:
+            node.close()
+        users = tmp_path / "spitwall-redis-users.json"
+        _old_users_file(users, url, old)
+
+        def run() -> str:
+            done = subprocess.run([sys.executable, "-", str(users)], input=_documented_script(),
+                                  capture_output=True, text=True, timeout=60, cwd=REPO,
+                                  env={**os.environ, "SPITWALL_REDIS_ADMIN": url}, check=False)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert "new roles: metrics" in run()
+        urls = json.loads(users.read_text())
+        assert set(urls) == set(acl.ROLES)
+        assert {r: acl.password_of(urls[r]) for r in old} == old
+        for role in acl.ROLES:
+            assert _role_ping(urls[role]), role
+        saved = aclfile.read_text()
+        assert all(f"user {acl.user_name(r)} " in saved for r in acl.ROLES), saved
+        first = users.read_text()
+        assert "new roles: none" in run()
+        assert users.read_text() == first
+        assert _role_ping(urls[acl.METRICS])
+    finally:
+        stop_pid(pid, "redis-server")
 
 
 def test_user_url_and_errors() -> None:

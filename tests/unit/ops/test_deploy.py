@@ -21,14 +21,21 @@ from pathlib import Path
 import pytest
 
 from deploy import install
+from ops import review as review_page
 
 REPO = Path(__file__).resolve().parents[3]
 DEBIAN_KAMAILIO = Path("/lib/systemd/system/kamailio.service")
 #: env file -> the Redis ACL role (intercept/acl.py) whose user it must name
 ENV_ROLES = {"proxy.env": "proxy", "media.env": "media", "deliver.env": "deliver",
-             "stir-fetch.env": "ops"}
+             "stir-fetch.env": "ops", "metrics.env": "metrics", "review.env": "ops"}
 #: variables systemd itself provides to the units' command lines
-SYSTEMD_VARS = {"RUNTIME_DIRECTORY"}
+SYSTEMD_VARS = {"RUNTIME_DIRECTORY", "CREDENTIALS_DIRECTORY"}
+#: service -> its system user (deploy/sysusers.d/spitwall.conf)
+SERVICE_USERS = {"spitwall-media.service": "spitwall-media",
+                 "spitwall-deliver.service": "spitwall-deliver",
+                 "spitwall-stir-fetch.service": "spitwall-stir",
+                 "spitwall-metrics.service": "spitwall-metrics",
+                 "spitwall-review.service": "spitwall-review"}
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                    reason="systemd-analyze is not installed")
@@ -79,6 +86,16 @@ def _exec_start(text: str) -> str:
     return starts[-1]
 
 
+def _values(text: str, key: str) -> list[str]:
+    """Every ``KEY=value`` of a unit file (continuation lines joined), in order."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [m.group(1) for m in re.finditer(rf"^{key}=(.*)$", joined, re.M)]
+
+
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
 def _env_keys(path: Path) -> set[str]:
     keys = set()
     for line in path.read_text().splitlines():
@@ -96,22 +113,90 @@ def test_renders_every_unit_env_file_and_config(rendered: Rendered) -> None:
     names = {p.relative_to(rendered.root).as_posix() for p in _files(rendered.root)}
     assert names == {
         "units/spitwall-media.service", "units/spitwall-deliver.service",
-        "units/spitwall-stir-fetch.service", "units/kamailio.service.d/spitwall.conf",
+        "units/spitwall-stir-fetch.service", "units/spitwall-metrics.service",
+        "units/spitwall-review.service", "units/kamailio.service.d/spitwall.conf",
         "sysusers.d/spitwall.conf", "tmpfiles.d/spitwall.conf",
         *(f"etc/spitwall/{env}" for env in ENV_ROLES),
         *(f"etc/spitwall/{env}.example" for env in ENV_ROLES),
+        "etc/spitwall/review.users", "etc/spitwall/review.users.example",
     }
+    assert set(install.SERVICES) == set(SERVICE_USERS)
+    assert set(install.ENV_FILES) == set(ENV_ROLES)
     for path in _files(rendered.root):
         text = path.read_text()
         assert not re.search(r"@[A-Z]+@", text), f"placeholder left in {path}"
         mode = stat.S_IMODE(path.stat().st_mode)
-        assert mode == (0o600 if path.suffix == ".env" else 0o644), f"{path}: {mode:o}"
+        secret = path.suffix == ".env" or path.name in install.SECRET_FILES
+        assert mode == (0o600 if secret else 0o644), f"{path}: {mode:o}"
     media = (rendered.units / "spitwall-media.service").read_text()
     assert f"ExecStart={REPO}/.venv/bin/spitwall media" in media
     assert f"ReadWritePaths={rendered.statedir}/media" in media
     assert f"EnvironmentFile={rendered.confdir}/media.env" in media
     assert "systemctl daemon-reload" in rendered.out
     assert "systemctl enable --now spitwall-media.service" in rendered.out
+    # the operator's services are enabled on their own, once their files are filled in
+    enables = [line for line in rendered.out.splitlines() if "systemctl enable --now" in line]
+    assert len(enables) == 2 and "spitwall-review" not in enables[0], enables
+    assert enables[1].strip() == ("systemctl enable --now spitwall-metrics.service "
+                                  "spitwall-review.service")
+
+
+@pytest.mark.parametrize(("service", "user"), sorted(SERVICE_USERS.items()))
+def test_every_service_runs_as_its_own_user_hardened(rendered: Rendered, service: str,
+                                                     user: str) -> None:
+    text = (rendered.units / service).read_text()
+    assert _values(text, "User") == [user] and _values(text, "Group") == [user]
+    for key, value in (("Type", "exec"), ("Restart", "on-failure"), ("ProtectSystem", "strict"),
+                       ("NoNewPrivileges", "yes"), ("CapabilityBoundingSet", ""),
+                       ("ProtectHome", "yes"), ("PrivateTmp", "yes"), ("UMask", "0027")):
+        assert _values(text, key) == [value], f"{service}: {key}="
+
+
+def test_metrics_reads_the_answering_machines_stats_file_and_writes_nothing(
+    rendered: Rendered,
+) -> None:
+    media = (rendered.units / "spitwall-media.service").read_text()
+    metrics = (rendered.units / "spitwall-metrics.service").read_text()
+    assert _values(media, "RuntimeDirectory") == ["spitwall-media"]  # = /run/spitwall-media
+    assert _values(media, "RuntimeDirectoryMode") == ["0750"]  # group spitwall-media may read
+    argv = _exec_start(metrics).split()
+    assert argv[:2] == [f"{REPO}/.venv/bin/spitwall", "metrics"]
+    media_argv = _exec_start(media).split()
+    assert _option(media_argv, "--stats-file") == "${RUNTIME_DIRECTORY}/stats.json"
+    assert _option(argv, "--media-stats") == "/run/spitwall-media/stats.json"
+    assert _option(argv, "--listen") == "${SPITWALL_METRICS_LISTEN}"
+    assert _values(metrics, "SupplementaryGroups") == ["spitwall-media"]
+    assert _values(metrics, "EnvironmentFile") == [f"{rendered.confdir}/metrics.env"]
+    assert not _values(metrics, "ReadWritePaths") and not _values(metrics, "RuntimeDirectory")
+    example = (rendered.confdir / "metrics.env.example").read_text()
+    assert re.search(r"^SPITWALL_METRICS_LISTEN=127\.0\.0\.1:9464$", example, re.M)
+    assert re.search(r"^#SPITWALL_LI_REDIS=", example, re.M)  # off unless asked for
+
+
+def test_review_reads_the_queue_and_gets_its_users_as_a_credential(rendered: Rendered) -> None:
+    media = (rendered.units / "spitwall-media.service").read_text()
+    review = (rendered.units / "spitwall-review.service").read_text()
+    argv = _exec_start(review).split()
+    assert argv[:2] == [f"{REPO}/.venv/bin/spitwall", "review"]
+    queue = f"{rendered.statedir}/media/queue"
+    assert _option(argv, "--queue-dir") == _option(_exec_start(media).split(), "--queue-dir")
+    assert _option(argv, "--queue-dir") == queue
+    assert _option(argv, "--listen") == "${SPITWALL_REVIEW_LISTEN}"
+    # the users file stays root's (0600); systemd hands the service a copy
+    assert _values(review, "LoadCredential") == [f"review.users:{rendered.confdir}/review.users"]
+    assert _option(argv, "--auth-file") == "${CREDENTIALS_DIRECTORY}/review.users"
+    assert "--no-auth" not in argv
+    assert _values(review, "SupplementaryGroups") == ["spitwall-media"]
+    assert _values(review, "ReadOnlyPaths") == [queue]
+    assert not _values(review, "ReadWritePaths") and not _values(review, "RuntimeDirectory")
+    assert _values(review, "EnvironmentFile") == [f"{rendered.confdir}/review.env"]
+    example = (rendered.confdir / "review.env.example").read_text()
+    assert re.search(r"^SPITWALL_REVIEW_LISTEN=127\.0\.0\.1:8088$", example, re.M)
+    # the installed users file holds no user yet: the page refuses to start without one
+    users = rendered.confdir / "review.users"
+    with pytest.raises(ValueError, match="no user:password line"):
+        review_page.load_users(users)
+    assert not review_page.auth_file_too_open(users)
 
 
 def test_units_and_examples_hold_no_secrets(rendered: Rendered) -> None:
@@ -196,11 +281,14 @@ def test_sysusers_and_tmpfiles_create_the_users_and_state_dirs(
             for line in (root / "etc" / "passwd").read_text().splitlines()}
     groups = {line.split(":")[0]: line.split(":")[3]
               for line in (root / "etc" / "group").read_text().splitlines()}
-    for user in ("spitwall-media", "spitwall-deliver", "spitwall-stir"):
+    for user in SERVICE_USERS.values():
         assert user in uids and user in groups
     assert "kamailio" in groups["spitwall-stir"].split(",")  # Kamailio reads the trust dir
+    # the exporter reads the stats file, the review page the recordings
+    assert sorted(groups["spitwall-media"].split(",")) == ["spitwall-metrics", "spitwall-review"]
     state = root / str(rendered.statedir).lstrip("/")
-    for sub, owner in (("media", "spitwall-media"), ("stir", "spitwall-stir")):
+    for sub, owner in (("media", "spitwall-media"), ("media/queue", "spitwall-media"),
+                       ("stir", "spitwall-stir")):
         st = (state / sub).stat()
         assert st.st_uid == uids[owner] and stat.S_IMODE(st.st_mode) == 0o750, sub
 
@@ -243,7 +331,10 @@ def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert not (tmp_path / "out").exists()
     would = [line for line in out.splitlines() if line.startswith("would write")]
-    assert len(would) == 14 and f"would write {r.units}/spitwall-media.service" in out
+    # units, the drop-in, sysusers, tmpfiles, and an example plus a file per env/secret file
+    assert len(would) == len(install.SERVICES) + 3 + 2 * (
+        len(install.ENV_FILES) + len(install.SECRET_FILES)) == 22
+    assert f"would write {r.units}/spitwall-media.service" in out
     assert "systemctl daemon-reload" in out
 
 
@@ -256,8 +347,12 @@ def test_env_files_are_never_overwritten(
     example = rendered.confdir / "media.env.example"
     example.write_text("stale\n")
     (rendered.confdir / "deliver.env").unlink()
+    users = rendered.confdir / "review.users"
+    users.write_text("alice:the-real-one\n")
     assert install.main(rendered.args()) == 0
     out = capsys.readouterr().out
+    assert users.read_text() == "alice:the-real-one\n"
+    assert f"kept        {users} (exists; env files are never overwritten)" in out
     assert proxy.read_text() == "SPITWALL_REDIS=redis://spitwall-proxy:the-real-one@10.0.0.5:6379/0\n"
     assert stat.S_IMODE(proxy.stat().st_mode) == 0o640
     assert f"kept        {proxy} (exists; env files are never overwritten)" in out

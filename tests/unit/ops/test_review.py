@@ -493,3 +493,29 @@ def test_busy_port_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> No
         port = busy.getsockname()[1]
         rc, err = _review(capsys, "--listen", f"127.0.0.1:{port}", "--no-auth")
     assert rc == 1 and "cannot listen" in err and err.count("\n") == 1
+
+
+def test_a_systemd_credential_is_not_too_open(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoadCredential= on tmpfs: 0400 plus a read ACL for the service user, which `stat` shows
+    as 0440 (the ACL mask in the group bits). Inside $CREDENTIALS_DIRECTORY only the "other"
+    bits count; anywhere else group access is still worth the warning."""
+    from ops.review import auth_file_too_open
+
+    creds = tmp_path / "credentials" / "spitwall-review.service"
+    creds.mkdir(parents=True)
+    cred = creds / "review.users"
+    cred.write_text("alice:pw\n")
+    elsewhere = tmp_path / "review.users"
+    elsewhere.write_text("alice:pw\n")
+    for path in (cred, elsewhere):
+        path.chmod(0o440)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert auth_file_too_open(cred) and auth_file_too_open(elsewhere)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert not auth_file_too_open(cred)
+    assert auth_file_too_open(elsewhere)
+    cred.chmod(0o444)
+    assert auth_file_too_open(cred)
+    cred.chmod(0o400)
+    assert not auth_file_too_open(cred)
