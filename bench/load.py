@@ -157,6 +157,7 @@ class Settings:
     retrans: bool
     mem: str = ""  # Kamailio's memory manager (-x): qm, fm, tlsf; "" = the lab's (tlsf)
     cluster: int = 0  # >0: a Redis Cluster of that many masters instead of one redis-server
+    config: tuple[tuple[str, str], ...] = ()  # --set KEY=VALUE, applied after the weights
 
 
 # ------------------------------------------------------------------------------------ /proc
@@ -468,6 +469,9 @@ class Bench:
         self.client = redisconn.client(st.redis_url, socket_timeout=10)
         weights = neutralise_scores(self.client)
         self.log(f"config: {', '.join(weights)} = {BENCH_WEIGHT} (every check runs, calls relay)")
+        for key, value in self.s.config:
+            config_admin.set_value(self.client, key, value, user="bench")
+            self.log(f"config: {key} = {value} (--set)")
         prefill_sources(self.client, self.sources)
 
     def close(self) -> None:
@@ -912,6 +916,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run Redis as a cluster of this many masters (redis+cluster://; default: one "
         "redis-server)",
     )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="live config to set after the benchmark's own (repeatable), e.g. "
+                        "--set reputation.call_duration=false")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per round at most")
     p.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary dir)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -920,6 +927,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--rate must be > 0")
     if args.sources > 254:
         p.error("--sources must be at most 254")
+    args.config = []
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in PARAMS:
+            p.error(f"--set {item!r}: expected KEY=VALUE with a config key (spitwall config show)")
+        try:
+            PARAMS[key].parse(value)
+        except ValueError as exc:
+            p.error(f"--set {item!r}: {exc}")
+        args.config.append((key, value))
     return args
 
 
@@ -934,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrency_off=args.concurrency_off, concurrency_on=args.concurrency_on,
         sources=args.sources, children=args.children, warmup=max(0, args.warmup),
         timeout=args.timeout, shm_mb=args.shm, rcvbuf=args.rcvbuf, retrans=args.retrans,
-        mem=args.mem, cluster=args.redis_cluster,
+        mem=args.mem, cluster=args.redis_cluster, config=tuple(args.config),
     )  # fmt: skip
     for tool in ("kamailio", "redis-server"):
         if (

@@ -495,7 +495,10 @@ class Handler:
         # With the kill switch on, dialogs are still tracked while intercept targets exist:
         # for every call alike (a target's call must look like anyone else's).
         if rc and (decision.rule != "disabled" or self.ktap.active()):
-            self._track_dialog(attempt, diverted=(rc == 2))
+            # dialogs of every call alike while intercept targets exist (a target's call
+            # must look like anyone else's), else only for the call-duration feedback
+            if svc.config["reputation.call_duration"] or self.ktap.active():
+                self._track_dialog(attempt, diverted=(rc == 2))
             self.ktap.track(attempt)
         self.last_action = decision.action.value
         return rc

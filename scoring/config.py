@@ -191,6 +191,9 @@ def _params() -> dict[str, Param]:
               "reputation) per network of this many bits", 32, 128),
         Param("reputation.half_life", "float", 3 * 86400.0,
               "seconds for a reputation to decay to half", 60.0, 365 * 86400.0),
+        Param("reputation.call_duration", "bool", True,
+              "track answered calls (Kamailio's dialog module) to feed their duration into "
+              "reputation; false saves the dialog tracking's cost per call"),
         Param("reputation.short_call", "float", 6.0,
               "answered calls shorter than this (s) count as a spam signal", 0.0, 600.0),
         Param("reputation.long_call", "float", 60.0,

@@ -85,6 +85,29 @@ def test_short_answered_calls_raise_the_callers_score(lab_factory: Any) -> None:
         assert stats.get("feedback:short_call", 0) == 6, stats
 
 
+def test_call_duration_feedback_can_be_turned_off(lab_factory: Any) -> None:
+    """`reputation.call_duration=false`: no dialog tracking, so short calls feed nothing (the
+    capacity trade-off measured in docs/benchmarks.md); turned on again, they do."""
+    with rig(lab_factory) as r:
+        for k, v in (("reject_threshold", "0.95"), ("divert_threshold", "0.9"),
+                     ("reputation.call_duration", "false")):
+            assert spitwall("config", "set", k, v, redis_url=r.redis_url).returncode == 0
+        caller = "2025550188"
+        res = run_uac(r.host, r.port, "127.0.12.2", 2, 5, rows(2, caller=caller), hold_ms=100)
+        assert res.count(200) == 2, res.summary()
+        assert all(code == 200 for code in res.bye_status.values()), res.bye_status
+        time.sleep(0.3)
+        stats = json.loads(spitwall("stats", "--json", redis_url=r.redis_url).stdout)
+        assert stats.get("feedback:short_call", 0) == 0, stats
+        assert spitwall("config", "set", "reputation.call_duration", "true",
+                        redis_url=r.redis_url).returncode == 0
+        res = run_uac(r.host, r.port, "127.0.12.2", 2, 5, rows(2, caller=caller), hold_ms=100)
+        assert res.count(200) == 2, res.summary()
+        time.sleep(0.3)
+        stats = json.loads(spitwall("stats", "--json", redis_url=r.redis_url).stdout)
+        assert stats.get("feedback:short_call", 0) == 2, stats
+
+
 def test_alert_info_from_untrusted_caller_never_reaches_next_hop(lab_factory: Any) -> None:
     with rig(lab_factory) as r:
         # relay, not divert, so that the next hop shows what the core would get
