@@ -367,9 +367,10 @@ def cmd_review(args: argparse.Namespace) -> int:
 
     from media.queue import MessageQueue
     from ops import review
+    from ops.listen import is_loopback, parse_listen
 
     try:
-        host, port = review.parse_listen(args.listen)
+        host, port = parse_listen(args.listen, review.DEFAULT_LISTEN, any_port=True)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     users: dict[str, str] | None = None
@@ -385,7 +386,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         if too_open:
             sys.stderr.write(f"spitwall: warning: {args.auth_file} is readable by others "
                              "(chmod 600 it)\n")
-    elif not review.is_loopback(host):
+    elif not is_loopback(host):
         raise CliError(f"refusing to serve {host} without --auth-file (--no-auth is for "
                        "loopback addresses only)")
     elif not args.no_auth:
@@ -438,9 +439,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     import logging
 
     from ops import metrics
+    from ops.listen import is_loopback, parse_listen
 
     try:
-        host, port = metrics.parse_listen(args.listen)
+        host, port = parse_listen(args.listen, metrics.DEFAULT_LISTEN)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     url = redis_url(args)
@@ -453,7 +455,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             raise CliError(f"bad {what} URL {redisconn.redacted(str(u))!r}: {exc}") from None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not metrics.is_loopback(host):
+    if not is_loopback(host):
         sys.stderr.write(f"spitwall: warning: {args.listen} is not a loopback address and the "
                          "metrics endpoint has no authentication: anyone who reaches it reads "
                          "the counters (firewall it to your Prometheus)\n")

@@ -45,6 +45,7 @@ from ops.procs import (
     free_port,
     pid_alive,
     pid_matches,
+    port_free,
     redis_ping,
     sip_options_ping,
     start_process,
@@ -60,6 +61,7 @@ __all__ = [
     "LabError",
     "LabState",
     "ServiceStatus",
+    "SipTls",
     "main",
     "register",
     "start_redis_server",
@@ -375,22 +377,9 @@ def free_sip_port(addr: str, addr6: str = "", proto: str = "both") -> int:
     `addr6` too."""
     for _ in range(50):
         port = free_port(addr, proto)
-        if not addr6 or _port_free_both(addr6, port, proto):
+        if not addr6 or port_free(addr6, port, proto):
             return port
     raise LabError(f"no SIP port free on both {addr} and {addr6}")
-
-
-def _port_free_both(addr: str, port: int, proto: str = "both") -> bool:
-    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    kinds = {"udp": (socket.SOCK_DGRAM,), "tcp": (socket.SOCK_STREAM,)}.get(
-        proto, (socket.SOCK_DGRAM, socket.SOCK_STREAM))
-    for kind in kinds:
-        with socket.socket(family, kind) as sock:
-            try:
-                sock.bind((addr, port))
-            except OSError:
-                return False
-    return True
 
 
 def redis_argv(workdir: Path, port: int, bind: str = "127.0.0.1") -> list[str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import json
 import logging
 import math
@@ -408,7 +407,7 @@ class SpitwallCollector(Collector):
         up = GaugeMetricFamily("spitwall_redis_up",
                                "1 when Redis answered this scrape's reads, else 0.", labels=[])
         try:
-            replies = _pipeline(self.main.get(), _queue_main_reads)
+            replies = _pipeline(self.main.get(), queue_main_reads)
         except _REDIS_DOWN as exc:
             log.warning("Redis %s unreachable: %s", redisconn.redacted(self.main.url), exc)
             self.main.drop()
@@ -516,7 +515,9 @@ class SpitwallCollector(Collector):
         return out
 
 
-def _queue_main_reads(pipe: Any) -> None:
+def queue_main_reads(pipe: Any) -> None:
+    """The exporter's reads of the operator's Redis (one pipeline; what the metrics role
+    may read, tests/unit/intercept/test_acl.py)."""
     pipe.hgetall(keys.STATS)
     for q in QUEUES:
         pipe.zcard(index_key(q))
@@ -575,36 +576,6 @@ def _log_reply(what: str, reply: Any) -> None:
 
 
 # -- serving ------------------------------------------------------------------------------
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6; HOST an IP address or ``localhost``) -> (IP,
-    port); ValueError with a one-line message otherwise. A host name is refused: it could
-    resolve anywhere, and whether the endpoint is on loopback decides the warning."""
-    shown = repr(text[:60]) + ("..." if len(text) > 60 else "")
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not (port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
-        raise ValueError(f"bad --listen {shown}: expected HOST:PORT with a port 1-65535, "
-                         f"e.g. {DEFAULT_LISTEN}")
-    bracketed = host.startswith("[") and host.endswith("]")
-    if bracketed:
-        host = host[1:-1]
-    if host.lower() == "localhost":
-        host = "127.0.0.1"
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"bad --listen {shown}: the host must be an IP address "
-                         "(or localhost)") from None
-    if isinstance(ip, ipaddress.IPv6Address) != bracketed:
-        raise ValueError(f"bad --listen {shown}: brackets go around an IPv6 address, and only "
-                         "there, e.g. [::1]:9464")
-    return str(ip), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an IP address, as `parse_listen` returns it) is a loopback address."""
-    return ipaddress.ip_address(host).is_loopback
-
-
 def serve(collector: SpitwallCollector, host: str, port: int,
           ready: Callable[[str], None] = print) -> None:
     """Serve ``/metrics`` on host:port until SIGTERM or SIGINT; OSError when it cannot bind.

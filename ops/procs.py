@@ -67,6 +67,13 @@ def _bind_ok(host: str, port: int, kind: int) -> bool:
     return True
 
 
+def port_free(host: str, port: int, proto: str = "both") -> bool:
+    """Whether ``port`` can be bound on ``host`` now for ``proto`` ("udp", "tcp" or "both")."""
+    kinds = {"udp": (socket.SOCK_DGRAM,), "tcp": (socket.SOCK_STREAM,)}.get(
+        proto, (socket.SOCK_DGRAM, socket.SOCK_STREAM))
+    return all(_bind_ok(host, port, kind) for kind in kinds)
+
+
 def free_port(host: str = "127.0.0.1", proto: str = "udp") -> int:
     """Return a port that is currently free on ``host`` for ``proto`` ("udp", "tcp" or "both").
 

@@ -29,7 +29,6 @@ import contextlib
 import datetime as dt
 import hmac
 import html
-import ipaddress
 import logging
 import os
 import secrets
@@ -38,6 +37,7 @@ import socket
 import socketserver
 import stat
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
@@ -85,32 +85,6 @@ class HttpError(Exception):
 
 
 # -- configuration -----------------------------------------------------------------------------
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6; HOST an IP address or ``localhost``) -> (IP,
-    port). ValueError with a one-line message otherwise: a host name could resolve anywhere, and
-    whether the page is on loopback decides whether it may run without a password."""
-    host, sep, port_text = text.strip().rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"bad --listen {text!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host.lower() == "localhost":
-        host = "127.0.0.1"
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"bad --listen {text!r}: the host must be an IP address "
-                         "(or localhost)") from None
-    if isinstance(ip, ipaddress.IPv6Address) and "[" not in text:
-        raise ValueError(f"bad --listen {text!r}: write an IPv6 address in brackets, "
-                         "e.g. [::1]:8088")
-    return str(ip), int(port_text)
-
-
-def is_loopback(host: str) -> bool:
-    return ipaddress.ip_address(host).is_loopback
-
-
 def load_users(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``user:password`` lines of an auth file (blank lines and ``#`` comments skipped).
 
@@ -160,6 +134,8 @@ class ReviewApp:
         self.queue = queue
         self.users = dict(users) if users is not None else None
         self.csrf_token = csrf_token or secrets.token_urlsafe(32)
+        #: failures by kind ("redis", "internal"), logged as they happen
+        self.errors: Counter[str] = Counter()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()
@@ -174,14 +150,17 @@ class ReviewApp:
             headers = [*headers, ("Content-Type", "text/plain; charset=utf-8"),
                        ("Content-Length", str(len(body[0])))]
         except redis.RedisError as exc:
+            self.errors["redis"] += 1
             log.warning("Redis unavailable: %s", exc)
             msg = b"Redis is unavailable; try again later.\n"
             status = "503 Service Unavailable"
             headers = [("Content-Type", "text/plain; charset=utf-8"),
                        ("Content-Length", str(len(msg))), ("Retry-After", "5")]
             body = [msg]
-        except Exception:
-            log.exception("review page: %s %s failed", method, environ.get("PATH_INFO", ""))
+        except Exception:  # a bug must not kill the server: logged with traceback, counted
+            self.errors["internal"] += 1
+            log.exception("review page: %s %s failed (%d so far)", method,
+                          environ.get("PATH_INFO", ""), self.errors["internal"])
             msg = b"Internal error; see the server's log.\n"
             status = "500 Internal Server Error"
             headers = [("Content-Type", "text/plain; charset=utf-8"),

@@ -29,6 +29,7 @@ from media.server import SendJitter
 from media.sip import SipStats
 from media.statsfile import write_stats_file
 from ops import cli, metrics
+from ops.listen import is_loopback, parse_listen
 from ops.procs import free_port, pid_alive, wait_until
 from scoring import config_admin, keys, redisconn
 from tests.conftest import RedisServer
@@ -507,12 +508,12 @@ def test_bad_listen_is_a_one_line_error(listen: str, capsys: pytest.CaptureFixtu
 
 
 def test_parse_listen_accepts() -> None:
-    assert metrics.parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
-    assert metrics.parse_listen("localhost:1") == ("127.0.0.1", 1)
-    assert metrics.parse_listen("[::1]:9464") == ("::1", 9464)
-    assert metrics.parse_listen("0.0.0.0:9464") == ("0.0.0.0", 9464)
-    assert metrics.is_loopback("::1") and metrics.is_loopback("127.0.0.2")
-    assert not metrics.is_loopback("0.0.0.0")
+    assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert parse_listen("localhost:1") == ("127.0.0.1", 1)
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+    assert parse_listen("0.0.0.0:9464") == ("0.0.0.0", 9464)
+    assert is_loopback("::1") and is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0")
 
 
 def test_cli_errors_bad_urls_and_a_busy_port(capsys: pytest.CaptureFixture[str],

@@ -381,7 +381,8 @@ def test_the_csrf_token_is_random_per_app(q: MessageQueue) -> None:
 def test_redis_down_is_503_without_a_traceback(tmp_path: Path) -> None:
     client = redis.Redis.from_url(dead_redis_url(), socket_connect_timeout=2)
     dead = MessageQueue(client, tmp_path / "queue")
-    with serving(ReviewApp(dead, users=USERS, csrf_token=TOKEN)) as port:
+    app = ReviewApp(dead, users=USERS, csrf_token=TOKEN)
+    with serving(app) as port:
         site = Site(port, dead)
         for reply in (site.get("/"), site.get("/?queue=spam"),
                       site.get("/audio/1700000000-deadbeef.wav"),
@@ -389,6 +390,7 @@ def test_redis_down_is_503_without_a_traceback(tmp_path: Path) -> None:
                                       "csrf": TOKEN})):
             assert reply.status == 503
             assert one_line(reply) == "Redis is unavailable; try again later.\n"
+    assert app.errors == {"redis": 4}  # counted, as well as logged
     client.close()
 
 
