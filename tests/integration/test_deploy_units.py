@@ -291,37 +291,46 @@ def running(argv: list[str], env: Mapping[str, str], log: Path,
 
 
 @contextlib.contextmanager
-def answering(d: Deployment, unit_file: str, configure: Callable[[int], None],
-              timeout: float) -> Iterator[tuple[int, int, list[str], Path]]:
-    """Fill the env file for a free port (``configure(port)``), run the unit's command line and
-    wait for 200 to OPTIONS; yields pid, port, argv, runtime dir. A port some other program
-    took since free_port() chose it ("Address already in use") is replaced by another one."""
+def _started(d: Deployment, unit_file: str, configure: Callable[[int], None], proto: str,
+             ready: Callable[[int], bool], what: str, timeout: float,
+             argv_map: Callable[[str], str] = lambda word: word,
+             ) -> Iterator[tuple[int, int, list[str], Path, Path]]:
+    """Fill the env file for a free ``proto`` port (``configure(port)``), run the unit's command
+    line (each word through ``argv_map``) and wait until ``ready(port)``; yields pid, port, the
+    unit's argv (before ``argv_map``), runtime dir and log. A port some other program took since
+    free_port() chose it ("Address already in use") is replaced by another one (three tries)."""
     name = unit_file.removesuffix(".service")
     for attempt in range(3):
-        port = free_port("127.0.0.1", "udp")
+        port = free_port("127.0.0.1", proto)
         configure(port)
         runtime = d.runtime(name)
         argv, env = d.command(parse_unit(d.units / unit_file), runtime)
         log = d.root / f"{name}-{attempt}.log"
-        pid = start_process(argv, log, cwd=Path("/"), env=env)
+        pid = start_process([argv_map(w) for w in argv], log, cwd=Path("/"), env=env)
         try:
             def settled(p: int = pid, n: int = port) -> bool:
-                return sip_options_ping("127.0.0.1", n, 0.5) == 200 or not pid_alive(p)
+                return ready(n) or not pid_alive(p)
 
             answered = wait_until(settled, timeout)
             if not pid_alive(pid) and "Address already in use" in _log_tail(log):
                 continue
-            assert answered and pid_alive(pid), (f"no 200 to OPTIONS on 127.0.0.1:{port} within "
+            assert answered and pid_alive(pid), (f"no {what} on 127.0.0.1:{port} within "
                                                  f"{timeout:.0f}s; log:\n{_log_tail(log)}")
-            yield pid, port, argv, runtime
+            yield pid, port, argv, runtime, log
             return
         finally:
             stop_pid(pid, ["spitwall", str(port)])
     pytest.fail(f"{name}: three free ports were taken before it could bind them")
 
 
-# --------------------------------------------------------------------------------------------
-# the Python services (Type=exec)
+@contextlib.contextmanager
+def answering(d: Deployment, unit_file: str, configure: Callable[[int], None],
+              timeout: float) -> Iterator[tuple[int, int, list[str], Path]]:
+    """A SIP service up from its unit (200 to OPTIONS); yields pid, port, argv, runtime dir."""
+    with _started(d, unit_file, configure, "udp",
+                  lambda n: sip_options_ping("127.0.0.1", n, 0.5) == 200,
+                  "200 to OPTIONS", timeout) as (pid, port, argv, runtime, _log):
+        yield pid, port, argv, runtime
 
 
 def test_media_service_comes_up_as_the_media_role(deployment: Deployment) -> None:
@@ -423,30 +432,10 @@ def _up(port: int, path: str) -> bool:
 def serving(d: Deployment, unit_file: str, configure: Callable[[int], None], probe: str,
             timeout: float, argv_map: Callable[[str], str] = lambda word: word,
             ) -> Iterator[tuple[int, int, list[str], Path]]:
-    """Fill the env file for a free TCP port (``configure(port)``), run the unit's command line
-    (each word through ``argv_map``) and wait until ``probe`` answers HTTP; yields pid, port, the
-    unit's argv (before ``argv_map``), log. A port taken meanwhile is replaced (three tries)."""
-    name = unit_file.removesuffix(".service")
-    for attempt in range(3):
-        port = free_port("127.0.0.1", "tcp")
-        configure(port)
-        argv, env = d.command(parse_unit(d.units / unit_file), d.runtime(name))
-        log = d.root / f"{name}-{attempt}.log"
-        pid = start_process([argv_map(w) for w in argv], log, cwd=Path("/"), env=env)
-        try:
-            def settled(p: int = pid, n: int = port) -> bool:
-                return _up(n, probe) or not pid_alive(p)
-
-            answered = wait_until(settled, timeout)
-            if not pid_alive(pid) and "Address already in use" in _log_tail(log):
-                continue
-            assert answered and pid_alive(pid), (f"no HTTP answer on 127.0.0.1:{port}{probe} "
-                                                 f"within {timeout:.0f}s; log:\n{_log_tail(log)}")
-            yield pid, port, argv, log
-            return
-        finally:
-            stop_pid(pid, ["spitwall", f"127.0.0.1:{port}"])
-    pytest.fail(f"{name}: three free ports were taken before it could bind them")
+    """An HTTP service up from its unit (``probe`` answers); yields pid, port, argv, log."""
+    with _started(d, unit_file, configure, "tcp", lambda n: _up(n, probe),
+                  f"HTTP answer at {probe}", timeout, argv_map) as (pid, port, argv, _rt, log):
+        yield pid, port, argv, log
 
 
 def _metric(text: str, series: str) -> float:
