@@ -187,6 +187,16 @@ def stop_popen(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     proc.wait(timeout=grace)
 
 
+_BIND_ATTEMPTS = 3
+_PORT_RACE_RE = re.compile(r"Unable to bind .*errno = 98\b")
+
+
+def _lost_port_race(rc: int | None, errors: str) -> bool:
+    """Whether sipp stopped at start-up because a port probed free was taken before it bound
+    it (EADDRINUSE): :func:`free_udp_port` is a probe, so the caller retries on fresh ports."""
+    return rc not in (0, None) and _PORT_RACE_RE.search(errors) is not None
+
+
 def _run_foreground(
     cmd: Sequence[str], cwd: Path, timeout: float, env: dict[str, str] | None = None
 ) -> tuple[int | None, str, str, bool]:
@@ -506,41 +516,47 @@ def run_uac(
         raise ValueError("rate must be > 0")
     with _workdir(workdir, "sipp-uac-") as wd:
         inf = write_injection(wd / "uac_calls.csv", injection_rows)
-        port = src_port or free_udp_port(src_ip)
-        media_port = free_udp_port(src_ip, also_plus=(2,))
-        ctrl_port = free_udp_port(_control_ip(src_ip))
         msg_log = wd / "uac_messages.log"
         log_file = wd / "uac_logs.log"
         err_file = wd / "uac_errors.log"
         stat_file = wd / "uac_stat.csv"
-        cmd = [
-            sipp_binary(),
-            f"{_uri_host(target_host)}:{target_port}",
-            "-sf", str(UAC_SCENARIO),
-            "-inf", str(inf),
-            "-i", src_ip,
-            "-p", str(port),
-            "-mi", src_ip,
-            "-mp", str(media_port),
-            "-ci", _control_ip(src_ip),
-            "-cp", str(ctrl_port),
-            "-m", str(calls),
-            "-r", f"{rate:g}",
-            "-d", str(hold_ms),
-            "-recv_timeout", str(recv_timeout_ms),
-            "-timeout", f"{max(1, int(timeout))}s",
-            "-nostdin",
-            "-trace_logs", "-log_file", str(log_file),
-            "-trace_err", "-error_file", str(err_file),
-            "-trace_stat", "-stf", str(stat_file),
-        ]  # fmt: skip
-        if max_concurrent is not None:
-            cmd += ["-l", str(max_concurrent)]
-        if trace_msg:
-            cmd += ["-trace_msg", "-message_file", str(msg_log)]
-        cmd += list(extra_args)
+        for attempt in range(1, _BIND_ATTEMPTS + 1):
+            port = src_port or free_udp_port(src_ip)
+            media_port = free_udp_port(src_ip, also_plus=(2,))
+            ctrl_port = free_udp_port(_control_ip(src_ip))
+            cmd = [
+                sipp_binary(),
+                f"{_uri_host(target_host)}:{target_port}",
+                "-sf", str(UAC_SCENARIO),
+                "-inf", str(inf),
+                "-i", src_ip,
+                "-p", str(port),
+                "-mi", src_ip,
+                "-mp", str(media_port),
+                "-ci", _control_ip(src_ip),
+                "-cp", str(ctrl_port),
+                "-m", str(calls),
+                "-r", f"{rate:g}",
+                "-d", str(hold_ms),
+                "-recv_timeout", str(recv_timeout_ms),
+                "-timeout", f"{max(1, int(timeout))}s",
+                "-nostdin",
+                "-trace_logs", "-log_file", str(log_file),
+                "-trace_err", "-error_file", str(err_file),
+                "-trace_stat", "-stf", str(stat_file),
+            ]  # fmt: skip
+            if max_concurrent is not None:
+                cmd += ["-l", str(max_concurrent)]
+            if trace_msg:
+                cmd += ["-trace_msg", "-message_file", str(msg_log)]
+            cmd += list(extra_args)
 
-        rc, out, err, timed_out = _run_foreground(cmd, wd, timeout + 5.0)
+            rc, out, err, timed_out = _run_foreground(cmd, wd, timeout + 5.0)
+            errors = err_file.read_text(errors="replace") if err_file.exists() else ""
+            if attempt == _BIND_ATTEMPTS or not _lost_port_race(rc, err + errors):
+                break
+            for stale in (msg_log, log_file, err_file, stat_file):
+                stale.unlink(missing_ok=True)
 
         log_lines = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
         outcomes: dict[str, int | None] = {}
@@ -585,7 +601,7 @@ def run_uac(
             log_lines=log_lines,
             stdout=out,
             stderr=err,
-            errors=err_file.read_text(errors="replace") if err_file.exists() else "",
+            errors=errors,
         )
 
 
@@ -732,7 +748,37 @@ def start_uas(
         if not user or any(ch in user for ch in ";\r\n") or user.startswith("#"):
             raise ValueError(f"bad known user {user!r}")
     (wd / UAS_USERS_FILE).write_text("SEQUENTIAL\n" + "\n".join(users) + "\n")
-    sip_port = port or free_udp_port(bind_ip)
+    for attempt in range(1, _BIND_ATTEMPTS + 1):
+        uas = _spawn_uas(bind_ip, port or free_udp_port(bind_ip), wd, tmp, trace_msg, extra_args)
+        try:
+            _wait_bound(uas, ready_timeout)
+        except _PortRace:
+            if attempt == _BIND_ATTEMPTS:
+                uas.close()
+                raise
+            uas.stop()  # keeps the working directory for the next attempt
+            for name in ("uas_logs.log", "uas_errors.log", "uas_messages.log"):
+                (wd / name).unlink(missing_ok=True)
+            continue
+        except BaseException:
+            uas.close()
+            raise
+        break
+    return uas
+
+
+class _PortRace(RuntimeError):
+    """sipp lost a probed port to another process before binding it (see _lost_port_race)."""
+
+
+def _spawn_uas(
+    bind_ip: str,
+    sip_port: int,
+    wd: Path,
+    tmp: tempfile.TemporaryDirectory[str] | None,
+    trace_msg: bool,
+    extra_args: Sequence[str],
+) -> UasProcess:
     media_port = free_udp_port(bind_ip, also_plus=(2,))
     ctrl_port = free_udp_port(_control_ip(bind_ip))
     cmd = [
@@ -768,23 +814,27 @@ def start_uas(
     finally:
         out.close()
         err.close()
-    uas = UasProcess(proc=proc, ip=bind_ip, port=sip_port, workdir=wd, command=cmd, _tmp=tmp)
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"sipp UAS exited with {proc.returncode}: {uas.output()[-2000:]}"
-                )
-            if not _udp_port_free(bind_ip, sip_port):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"sipp UAS did not bind {bind_ip}:{sip_port} in time")
-            time.sleep(0.05)
-    except BaseException:
-        uas.close()
-        raise
-    return uas
+    return UasProcess(proc=proc, ip=bind_ip, port=sip_port, workdir=wd, command=cmd, _tmp=tmp)
+
+
+def _wait_bound(uas: UasProcess, ready_timeout: float) -> None:
+    """Return once the UAS holds its SIP port; _PortRace if it lost a probed port."""
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        if uas.proc.poll() is not None:
+            output = uas.output()
+            errors = uas.workdir / "uas_errors.log"
+            if _lost_port_race(
+                uas.proc.returncode,
+                output + (errors.read_text(errors="replace") if errors.exists() else ""),
+            ):
+                raise _PortRace(output[-2000:])
+            raise RuntimeError(f"sipp UAS exited with {uas.proc.returncode}: {output[-2000:]}")
+        if not _udp_port_free(uas.ip, uas.port):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sipp UAS did not bind {uas.ip}:{uas.port} in time")
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- SIPVicious

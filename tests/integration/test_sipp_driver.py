@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from ops import sipp as sipp_mod
 from ops.sipp import (
     SipMessage,
     UasProcess,
@@ -191,3 +193,41 @@ def test_svwar_invite_finds_nothing_when_all_answers_look_alike(uas: UasProcess)
     assert not result.timed_out
     assert result.found_nothing, result.output
     assert uas.count_invites() >= 2
+
+
+class _Squatter:
+    """Makes the first media-port probe on ``ip`` return a port another socket holds: the
+    race sipp can lose between our probe and its bind (seen once in CI: errno 98)."""
+
+    def __init__(self, ip: str) -> None:
+        self.ip = ip
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((ip, free_udp_port(ip)))
+        self.handed_out = 0
+
+    def __call__(self, ip: str, *, also_plus: Sequence[int] = ()) -> int:
+        if ip == self.ip and also_plus and not self.handed_out:
+            self.handed_out += 1
+            port: int = self.sock.getsockname()[1]
+            return port
+        return free_udp_port(ip, also_plus=also_plus)
+
+
+@pytest.mark.parametrize("side", ["uac", "uas"])
+def test_a_lost_port_race_is_retried_on_fresh_ports(
+    side: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    squatter = _Squatter(CALLER_IP if side == "uac" else UAS_IP)
+    taken = squatter.sock.getsockname()[1]
+    monkeypatch.setattr(sipp_mod, "free_udp_port", squatter)
+    try:
+        with start_uas(UAS_IP, workdir=tmp_path / "uas") as uas:
+            result = run_uac(UAS_IP, uas.port, CALLER_IP, calls=1, rate=10,
+                             injection_rows=ROWS[:1], workdir=tmp_path / "uac")  # fmt: skip
+            uas_cmd = uas.command
+    finally:
+        squatter.sock.close()
+    assert squatter.handed_out == 1
+    final_cmd = result.command if side == "uac" else uas_cmd
+    assert final_cmd[final_cmd.index("-mp") + 1] != str(taken)
+    assert result.returncode == 0 and result.counts == {200: 1}, result.summary()
