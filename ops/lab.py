@@ -372,6 +372,19 @@ def _tcp_listens(addr: str, port: int, timeout: float) -> bool:
         return False
 
 
+#: how often `up` starts everything again when a server lost a port picked for it (below)
+PORT_RACE_ATTEMPTS = 3
+_ADDR_IN_USE = ("Address already in use", "EADDRINUSE", "[Errno 98]")
+
+
+def lost_port_race(exc: LabError) -> bool:
+    """Whether a server failed because its port, free when the lab picked it, was taken before
+    the server bound it (another program's socket in between: a picked port is a probe, not a
+    reservation). The server's log tail or the message says so."""
+    text = "\n".join([str(exc), *exc.log_tail])
+    return any(marker in text for marker in _ADDR_IN_USE)
+
+
 def free_sip_port(addr: str, addr6: str = "", proto: str = "both") -> int:
     """A port free for UDP and TCP (or `proto`) on `addr` and, for a dual-stack lab, on
     `addr6` too."""
@@ -561,10 +574,19 @@ class Lab:
                     )
                 log.info("removing stale %s (no recorded process is alive)", self.state_path)
                 self.state_path.unlink()
-            return self._start_all(
-                sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children, timeout,
-                redis_users, media_uri, sip_addr6 or "", sip_tls,
-            )
+            for attempt in range(1, PORT_RACE_ATTEMPTS + 1):
+                try:
+                    return self._start_all(
+                        sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children,
+                        timeout, redis_users, media_uri, sip_addr6 or "", sip_tls,
+                    )
+                except LabError as exc:
+                    if attempt == PORT_RACE_ATTEMPTS or not lost_port_race(exc):
+                        raise
+                    # everything started is stopped again; the free ports are picked anew
+                    log.warning("%s: a port was taken before its server bound it; "
+                                "starting again (attempt %d)", exc, attempt + 1)
+            raise AssertionError("unreachable")
 
     def _start_all(
         self,
@@ -776,9 +798,11 @@ class Lab:
                             env=state.env_for(service.redis_role))
         self._record(state, service.name, pid, log_path, service.expect(state))
         if not wait_until(lambda: service.ready(state) or not pid_alive(pid), service.timeout):
-            raise LabError(f"{service.name} did not become ready (see {log_path})")
+            raise LabError(f"{service.name} did not become ready (see {log_path})",
+                           _log_tail(log_path))
         if not pid_alive(pid):
-            raise LabError(f"{service.name} exited during start-up (see {log_path})")
+            raise LabError(f"{service.name} exited during start-up (see {log_path})",
+                           _log_tail(log_path))
 
     # -- down -----------------------------------------------------------------------------------
 

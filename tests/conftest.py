@@ -26,7 +26,14 @@ from typing import Any
 
 import pytest
 
-from ops.lab import DEFAULT_KAMAILIO_CFG, Lab, LabError, start_redis_server
+from ops.lab import (
+    DEFAULT_KAMAILIO_CFG,
+    PORT_RACE_ATTEMPTS,
+    Lab,
+    LabError,
+    lost_port_race,
+    start_redis_server,
+)
 from ops.procs import free_port, pid_alive, redis_ping, stop_pid
 from tests.redis_cluster import ClusterSet
 
@@ -47,6 +54,7 @@ class RedisServer:
     host: str = "127.0.0.1"
     port: int = field(default_factory=lambda: free_port("127.0.0.1", "tcp"))
     pid: int | None = None
+    started: bool = False
 
     @property
     def url(self) -> str:
@@ -59,7 +67,17 @@ class RedisServer:
         """(Re)start on the same port; waits until it answers PING."""
         if self.running():
             return
-        self.pid = start_redis_server(self.workdir, self.port, self.host)
+        for attempt in range(1, PORT_RACE_ATTEMPTS + 1):
+            try:
+                self.pid = start_redis_server(self.workdir, self.port, self.host)
+                return
+            except LabError as exc:
+                # the first start may take a new port; a restart must keep its port
+                if self.started or attempt == PORT_RACE_ATTEMPTS or not lost_port_race(exc):
+                    raise
+                self.port = free_port(self.host, "tcp")
+            finally:
+                self.started = self.started or self.pid is not None
 
     def stop(self) -> None:
         """Stop it (by pid, verified); later commands to it fail as if Redis went down."""

@@ -8,6 +8,8 @@ Covers the Python API the other integration tests build on (the ``lab`` fixtures
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +21,7 @@ import pytest
 from ops import lab as lab_module
 from ops.lab import Lab, LabError
 from ops.procs import (
+    free_port,
     pid_alive,
     pid_cmdline,
     redis_ping,
@@ -334,3 +337,43 @@ def test_lab_fixture_indirect_parameters(lab: Lab) -> None:
     assert lab.state.next_hop == "sip:127.0.0.1:5997"
     assert lab.state.children == 1
     assert _options(lab) == 200
+
+
+@pytest.mark.parametrize("proto, loser", [("tcp", "redis"), ("both", "kamailio"), ("udp", "media")])
+def test_up_starts_again_when_a_server_loses_its_picked_port(
+    proto: str, loser: str, tmp_path: Path, request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A picked port is a probe: another socket can take it before the server binds it. The
+    first port picked for ``proto`` is handed out while a socket of ours holds it; `up` must
+    notice the server's "Address already in use", stop what it started and start again."""
+    kind = socket.SOCK_DGRAM if proto != "tcp" else socket.SOCK_STREAM
+    squatter = socket.socket(socket.AF_INET, kind)
+    squatter.bind(("127.0.0.1", 0))
+    if kind == socket.SOCK_STREAM:
+        squatter.listen()
+    taken: int = squatter.getsockname()[1]
+    handed: list[int] = []
+
+    def picked_port(host: str = "127.0.0.1", want: str = "udp") -> int:
+        if want == proto and not handed:
+            handed.append(taken)
+            return taken
+        return free_port(host, want)
+
+    monkeypatch.setattr(lab_module, "free_port", picked_port)
+    lab = Lab(tmp_path / "race", Path(request.config.getoption("--kamailio-cfg")))
+    try:
+        with caplog.at_level(logging.WARNING, logger=lab_module.__name__):
+            state = lab.up(children=1)
+        records = caplog.records
+        assert handed == [taken]
+        assert taken not in (state.sip_port, state.media_port)
+        assert f"127.0.0.1:{taken}/" not in state.redis_url
+        assert sip_options_ping(state.sip_addr, state.sip_port, 2) == 200
+        assert any(loser in r.getMessage() and "starting again" in r.getMessage()
+                   for r in records), [r.getMessage() for r in records]
+        assert all(pid_alive(pid) for pid in state.pids.values())
+    finally:
+        lab.down()
+        squatter.close()
