@@ -197,6 +197,105 @@ def cmd_list_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- number database ---------------------------------------------------------------------
+def _lookup_on(c: redis.Redis) -> bool:
+    """Turn `numbers.lookup` on (audited) if it is off; True when this call turned it on."""
+    from scoring import config_admin
+
+    cfg, _raw = config_admin.show(c)
+    if cfg["numbers.lookup"]:
+        return False
+    config_admin.set_value(c, "numbers.lookup", "true")
+    return True
+
+
+def _lookup_note(turned_on: bool) -> str:
+    return "; numbers.lookup turned on" if turned_on else ""
+
+
+def cmd_numbers_import(args: argparse.Namespace) -> int:
+    from lists.numberdb import ImportInterrupted, NumberDb, check_number_list, read_file
+
+    check_number_list(args.list)
+    items, digest = read_file(Path(args.file))  # all lines validated before anything is written
+    c = client(args)
+    try:
+        n = NumberDb(c).import_numbers(args.list, items, source=Path(args.file).name,
+                                       digest=digest, ttl=args.ttl, reason=args.reason or "")
+    except ImportInterrupted as exc:
+        raise CliError(str(exc)) from None
+    on = _lookup_on(c)
+    emit(args, {"imported": n, "list": args.list, "sha256": digest, "lookup_turned_on": on},
+         lambda: f"imported {n} numbers into the {args.list} number list{_lookup_note(on)}")
+    return 0
+
+
+def cmd_numbers_add(args: argparse.Namespace) -> int:
+    from lists.numberdb import NumberDb
+
+    c = client(args)
+    e = NumberDb(c).add(args.list, args.number, ttl=args.ttl, reason=args.reason or "")
+    on = _lookup_on(c)
+    emit(args, {**e.as_json(), "list": args.list, "lookup_turned_on": on},
+         lambda: f"added {e.value} to the {args.list} number list"
+         + (f" until {_when(e.expires)}" if e.expires else "") + _lookup_note(on))
+    return 0
+
+
+def cmd_numbers_remove(args: argparse.Namespace) -> int:
+    from lists.numberdb import NumberDb
+
+    if not NumberDb(client(args)).remove(args.list, args.number):
+        raise CliError(f"{args.number} is not on the {args.list} number list")
+    emit(args, {"removed": True}, lambda: f"removed {args.number} from the {args.list} numbers")
+    return 0
+
+
+def cmd_numbers_check(args: argparse.Namespace) -> int:
+    from lists.numberdb import NumberDb
+
+    found = NumberDb(client(args)).check(args.number)
+
+    def text() -> str:
+        if not found:
+            return f"{args.number} is on no number list"
+        return "\n".join(f"{name:6} {e.value:22} expires {_when(e.expires):22} {e.reason}"
+                         for name, e in found.items())
+
+    emit(args, {name: e.as_json() for name, e in found.items()}, text)
+    return 0
+
+
+def cmd_numbers_count(args: argparse.Namespace) -> int:
+    from lists.numberdb import NUMBER_LISTS, NumberDb
+
+    db = NumberDb(client(args))
+    counts = {name: db.count(name) for name in ([args.list] if args.list else NUMBER_LISTS)}
+    emit(args, counts, lambda: "\n".join(f"{k:6} {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_numbers_export(args: argparse.Namespace) -> int:
+    from lists.numberdb import NumberDb, check_number_list
+
+    check_number_list(args.list)
+    try:
+        n = NumberDb(client(args)).export(args.list, Path(args.file))
+    except OSError as exc:
+        raise CliError(f"cannot write {args.file}: {exc.strerror}") from None
+    emit(args, {"exported": n}, lambda: f"exported {n} numbers to {args.file}")
+    return 0
+
+
+def cmd_numbers_clear(args: argparse.Namespace) -> int:
+    from lists.numberdb import NumberDb, check_number_list
+
+    check_number_list(args.list)
+    n = NumberDb(client(args)).clear(args.list)
+    emit(args, {"removed": n}, lambda: f"removed {n} numbers from the {args.list} number list")
+    return 0
+
+
 # -- explain -----------------------------------------------------------------------------
 def cmd_explain(args: argparse.Namespace) -> int:
     from scoring.store import find_decision
@@ -764,6 +863,42 @@ def build_parser() -> argparse.ArgumentParser:
         p = lsub.add_parser(action, parents=[common], help=f"{action} all lists (JSON file)")
         p.add_argument("file")
         p.set_defaults(func=func)
+
+    nb = sub.add_parser("numbers", help="the number database: millions of allow/block/dno "
+                        "numbers, looked up in Redis")
+    nsub: Any = nb.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    nsub.required = True
+    number_lists = ("allow", "block", "dno")
+    p = nsub.add_parser("import", parents=[common],
+                        help="add the numbers of a file (NUMBER[,REASON] per line)")
+    p.add_argument("list", choices=number_lists)
+    p.add_argument("file")
+    p.add_argument("--ttl", type=_positive, metavar="SECONDS")
+    p.add_argument("--reason", metavar="TEXT", help="for lines without their own reason")
+    p.set_defaults(func=cmd_numbers_import)
+    p = nsub.add_parser("add", parents=[common], help="add one number")
+    p.add_argument("list", choices=number_lists)
+    p.add_argument("number")
+    p.add_argument("--ttl", type=_positive, metavar="SECONDS")
+    p.add_argument("--reason", metavar="TEXT")
+    p.set_defaults(func=cmd_numbers_add)
+    p = nsub.add_parser("remove", parents=[common], help="remove one number")
+    p.add_argument("list", choices=number_lists)
+    p.add_argument("number")
+    p.set_defaults(func=cmd_numbers_remove)
+    p = nsub.add_parser("check", parents=[common], help="on which lists a number is")
+    p.add_argument("number")
+    p.set_defaults(func=cmd_numbers_check)
+    p = nsub.add_parser("count", parents=[common], help="numbers per list (scans Redis)")
+    p.add_argument("list", nargs="?", choices=number_lists)
+    p.set_defaults(func=cmd_numbers_count)
+    p = nsub.add_parser("export", parents=[common], help="write a list in the import format")
+    p.add_argument("list", choices=number_lists)
+    p.add_argument("file")
+    p.set_defaults(func=cmd_numbers_export)
+    p = nsub.add_parser("clear", parents=[common], help="remove every number of a list")
+    p.add_argument("list", choices=number_lists)
+    p.set_defaults(func=cmd_numbers_clear)
 
     ex = sub.add_parser("explain", parents=[common], help="why a call got its decision")
     ex.add_argument("call_id", metavar="CALL-ID")

@@ -189,6 +189,9 @@ def _params() -> dict[str, Param]:
         Param("source.ipv6_prefix", "int", 64,
               "IPv6 sources are counted (rates, distinct callers, sweeps, scanner sightings, "
               "reputation) per network of this many bits", 32, 128),
+        Param("numbers.lookup", "bool", False,
+              "look the caller's numbers up in the number database (`spitwall numbers`) in "
+              "the INVITE's round trip; `numbers import` and `numbers add` turn it on"),
         Param("reputation.half_life", "float", 3 * 86400.0,
               "seconds for a reputation to decay to half", 60.0, 365 * 86400.0),
         Param("reputation.call_duration", "bool", True,

@@ -42,6 +42,28 @@ def list_key(name: str) -> str:
     return f"{PREFIX}:{{cfg}}:list:{name}"
 
 
+#: lists of the number database (`lists.numberdb`): one key per number and list
+NUMBER_LISTS = ("allow", "block", "dno")
+
+
+def number_key(number: str, name: str) -> str:
+    """`spitwall:{num:+15550100}:block`: a normalised number on one list of the number
+    database (``*`` as the number gives the SCAN pattern of that list)."""
+    ident = number if number == "*" else entity_id(number)
+    return f"{PREFIX}:{{num:{ident}}}:{name}"
+
+
+def number_keys(number: str) -> list[str]:
+    """The number's keys on every list of the number database, in `NUMBER_LISTS` order (one
+    hash tag: one MGET, valid on a cluster)."""
+    return [number_key(number, name) for name in NUMBER_LISTS]
+
+
+def number_from_key(key: str) -> str:
+    """The number a `number_key` names."""
+    return key.split("{num:", 1)[1].split("}", 1)[0]
+
+
 def decision_buckets() -> list[str]:
     return [f"{PREFIX}:{{dec}}:b{i}" for i in range(DECISION_BUCKETS)]
 

@@ -88,6 +88,8 @@ class Signals:
     available: bool = True
     pass_first_use: bool = False  # this INVITE's pass token had not been used before
     watched: tuple[str | None, ...] = ()  # values of `Store.watch_keys`, same order
+    #: number database hits of the caller's numbers (`numbers.lookup`): (list, number, record)
+    numbers: tuple[tuple[str, str, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

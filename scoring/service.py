@@ -15,6 +15,7 @@ from collections import Counter
 from lists.matcher import ListHit, ListSnapshot
 from scoring import passtoken
 from scoring.checks.base import Context
+from scoring.checks.callerid import lookup_numbers
 from scoring.config import Config, parse_hosts
 from scoring.engine import decide
 from scoring.geo import country_for
@@ -58,7 +59,9 @@ class ScoringService:
         if not self.config["enabled"] and self.config.version >= 0:
             return self._disabled(t)
         try:
-            signals = self.store.observe(attempt, self.config, t)
+            numbers = (lookup_numbers(attempt, str(self.config["callerid.region"]))
+                       if self.config["numbers.lookup"] else ())
+            signals = self.store.observe(attempt, self.config, t, numbers)
         except RedisUnavailable as exc:
             self.counters["redis_unavailable"] += 1
             log.debug("scoring without shared state: %s", exc)

@@ -199,8 +199,12 @@ class Store:
             raise RedisUnavailable(str(exc)) from exc
 
     # -- request path ------------------------------------------------------------------
-    def observe(self, attempt: CallAttempt, cfg: Config, now: float | None = None) -> Signals:
-        """Count this INVITE and read everything the shared checks need: one round trip."""
+    def observe(self, attempt: CallAttempt, cfg: Config, now: float | None = None,
+                numbers: Sequence[str] = ()) -> Signals:
+        """Count this INVITE and read everything the shared checks need: one round trip.
+
+        ``numbers`` (normalised caller numbers) are looked up in the number database in the
+        same round trip: one MGET per number, over its keys on every list."""
         t = time.time() if now is None else now
         windows = cfg.rate_windows
         n = len(windows)
@@ -224,6 +228,7 @@ class Store:
         versions = ["MGET", keys.CONFIG_VERSION, keys.LISTS_VERSION]
         commands = [source, per_caller, per_callee, versions]
         commands += [["GET", k] for k in self.watch_keys]
+        commands += [["MGET", *keys.number_keys(n)] for n in numbers]
         if attempt.ruri_user:  # who called last, for the callee's in-call spam report
             commands.append(["SET", last_caller_key(attempt.ruri_user),
                              f"{caller}|{attempt.source_ip}"[:300], "EX", str(LAST_CALLER_TTL)])
@@ -244,7 +249,12 @@ class Store:
         cfg_v, lists_v = replies[3]
         nw = len(self.watch_keys)
         watched = tuple(None if r is None else _s(r) for r in replies[4:4 + nw])
-        pass_reply = 4 + nw + (1 if attempt.ruri_user else 0)
+        hits = tuple((name, number, blob)
+                     for number, found in zip(numbers, replies[4 + nw:4 + nw + len(numbers)],
+                                              strict=True)
+                     for name, blob in zip(keys.NUMBER_LISTS, found, strict=True)
+                     if blob is not None)
+        pass_reply = 4 + nw + len(numbers) + (1 if attempt.ruri_user else 0)
         return Signals(
             ip_rate={w: float(src[i]) for i, w in enumerate(windows)},
             caller_rate={w: float(cal[i]) for i, w in enumerate(windows)},
@@ -257,6 +267,7 @@ class Store:
             config_version=int(cfg_v or 0), lists_version=int(lists_v or 0),
             pass_first_use=len(replies) > pass_reply and replies[pass_reply] is not None,
             watched=watched,
+            numbers=hits,
         )
 
     def _load_scripts(self) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from lists.matcher import ListSnapshot
+from lists.matcher import ListHit, ListSnapshot
+from lists.numberdb import unpack_entry
 from scoring.config import Config
 from scoring.model import CallAttempt, CheckResult, Signals
 
@@ -48,6 +49,21 @@ def caller_numbers(attempt: CallAttempt) -> tuple[str, ...]:
         if digits and digits.isdigit():
             out.append(user)
     return tuple(out)
+
+
+def number_db_hit(ctx: Context, name: str) -> ListHit | None:
+    """The caller's number on list ``name`` of the number database (`lists.numberdb`), if the
+    INVITE's round trip found it there; unreadable and expired records do not match."""
+    for list_name, number, blob in ctx.signals.numbers:
+        if list_name != name:
+            continue
+        try:
+            entry = unpack_entry(number, blob)
+        except ValueError:
+            continue
+        if not entry.expired(ctx.now or None):
+            return ListHit(entry, f"number {number} (number database)")
+    return None
 
 
 def _uri_user(value: str) -> str:

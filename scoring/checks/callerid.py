@@ -53,8 +53,9 @@ from urllib.parse import unquote
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberFormat, ValidationResult
 
+from lists.model import normalise_number
 from scoring import numberplan
-from scoring.checks.base import Context
+from scoring.checks.base import Context, caller_numbers, number_db_hit
 from scoring.model import CallAttempt, CheckResult
 
 name = "callerid"
@@ -232,6 +233,25 @@ def callee_party(attempt: CallAttempt, region: str) -> Number | None:
     return classify(uri_user(callee_user), region) if callee_user else None
 
 
+#: most numbers of one call looked up in the number database (From and PAI, each as
+#: presented and in E.164)
+MAX_LOOKUP = 4
+
+
+def lookup_numbers(attempt: CallAttempt, region: str) -> tuple[str, ...]:
+    """The caller's numbers to look up in the number database (`numbers.lookup`): From and
+    P-Asserted-Identity users as presented (digits, '+' kept) and, where they parse, in E.164
+    (a national '5550100' is also found as '+15550100'); each once. The parse is the cached
+    one this check makes anyway."""
+    out: list[str] = []
+    found = [normalise_number(n) for n in caller_numbers(attempt)]
+    found += [n.e164 for n in caller_parties(attempt, plan_region(region)) if n and n.e164]
+    for norm in found:
+        if 3 <= len(norm.lstrip("+")) <= 20 and norm not in out:
+            out.append(norm)
+    return tuple(out[:MAX_LOOKUP])
+
+
 def check(ctx: Context) -> CheckResult:
     region = plan_region(str(ctx.config["callerid.region"]))
     shared_digits = int(ctx.config["callerid.neighbour_digits"])
@@ -248,9 +268,13 @@ def check(ctx: Context) -> CheckResult:
 
     found: list[tuple[float, str, str]] = []  # (score, reason, short tag)
 
-    if ctx.lists.dno.size:
-        keys = [k for _, n in callers for k in (n.e164, n.raw) if k]
-        hit = ctx.lists.dno.match(numbers=keys, now=ctx.now or None)
+    if ctx.lists.dno.size or ctx.signals.numbers:
+        hit = None
+        if ctx.lists.dno.size:
+            keys = [k for _, n in callers for k in (n.e164, n.raw) if k]
+            hit = ctx.lists.dno.match(numbers=keys, now=ctx.now or None)
+        if hit is None:
+            hit = number_db_hit(ctx, "dno")
         if hit is not None:
             on = hit.on.removeprefix("number ")
             found.append((SCORE_DNO, f"caller {on} is on the do-not-originate list", "dno"))

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from scoring.checks.base import Context, caller_numbers
+from scoring.checks.base import Context, caller_numbers, number_db_hit
 from scoring.model import Action, CheckResult
 
 
 def _match(ctx: Context, which: str) -> CheckResult | None:
     a = ctx.attempt
     matcher = ctx.lists.allow if which == "allow" else ctx.lists.block
-    if matcher.size == 0:
-        return None
-    hit = matcher.match(ip=a.source_ip, user=a.from_user, domain=a.from_domain,
-                        numbers=caller_numbers(a), user_agent=a.user_agent,
-                        country=ctx.country)
+    hit = None
+    if matcher.size:
+        hit = matcher.match(ip=a.source_ip, user=a.from_user, domain=a.from_domain,
+                            numbers=caller_numbers(a), user_agent=a.user_agent,
+                            country=ctx.country)
+    if hit is None and ctx.signals.numbers:
+        hit = number_db_hit(ctx, which)
     if hit is None:
         return None
     reason = f"{which}-listed {hit.on}" + (f" ({hit.entry.reason})" if hit.entry.reason else "")
