@@ -8,6 +8,7 @@ for calls in between.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -59,8 +60,9 @@ class ScoringService:
         if not self.config["enabled"] and self.config.version >= 0:
             return self._disabled(t)
         try:
+            looked_up = bool(self.config["numbers.lookup"])
             numbers = (lookup_numbers(attempt, str(self.config["callerid.region"]))
-                       if self.config["numbers.lookup"] else ())
+                       if looked_up else ())
             signals = self.store.observe(attempt, self.config, t, numbers)
         except RedisUnavailable as exc:
             self.counters["redis_unavailable"] += 1
@@ -69,6 +71,8 @@ class ScoringService:
         else:
             self._refresh(signals)
             self.watched = signals.watched
+            if self.config["numbers.lookup"] and not looked_up:
+                signals = self._late_lookup(attempt, signals)
         country = country_for(self.config, attempt.source_ip)
         ctx = Context(attempt, signals, self.config, self.lists, country=country, now=t)
         decision = self._pass(attempt, signals, t) or decide(ctx, on_error=self._check_failed)
@@ -82,6 +86,20 @@ class ScoringService:
             self.counters["record_lost"] += 1
         self.maybe_flush_counters()
         return decision
+
+    def _late_lookup(self, attempt: CallAttempt, signals: Signals) -> Signals:
+        """`numbers.lookup` was off when this INVITE's round trip was sent and is on in the
+        config its reply loaded: look the numbers up now (once per child and change), so a
+        number imported with `spitwall numbers import` counts from the first call on."""
+        numbers = lookup_numbers(attempt, str(self.config["callerid.region"]))
+        if not numbers:
+            return signals
+        try:
+            return dataclasses.replace(signals, numbers=self.store.lookup_numbers(numbers))
+        except RedisUnavailable as exc:
+            self.counters["redis_unavailable"] += 1
+            log.debug("number lookup failed: %s", exc)
+            return signals
 
     def _pass(self, attempt: CallAttempt, signals: Signals, now: float) -> Decision | None:
         """A caller the answering machine judged human comes back with a pass token: relay

@@ -249,11 +249,7 @@ class Store:
         cfg_v, lists_v = replies[3]
         nw = len(self.watch_keys)
         watched = tuple(None if r is None else _s(r) for r in replies[4:4 + nw])
-        hits = tuple((name, number, blob)
-                     for number, found in zip(numbers, replies[4 + nw:4 + nw + len(numbers)],
-                                              strict=True)
-                     for name, blob in zip(keys.NUMBER_LISTS, found, strict=True)
-                     if blob is not None)
+        hits = _number_hits(numbers, replies[4 + nw:4 + nw + len(numbers)])
         pass_reply = 4 + nw + len(numbers) + (1 if attempt.ruri_user else 0)
         return Signals(
             ip_rate={w: float(src[i]) for i, w in enumerate(windows)},
@@ -269,6 +265,16 @@ class Store:
             watched=watched,
             numbers=hits,
         )
+
+    def lookup_numbers(self, numbers: Sequence[str]) -> tuple[tuple[str, str, bytes], ...]:
+        """The number database's records of ``numbers`` in a round trip of their own (for
+        the first INVITE after `numbers.lookup` was turned on: its round trip was sent with
+        the config of before)."""
+        replies = self._roundtrip([["MGET", *keys.number_keys(n)] for n in numbers])
+        for r in replies:
+            if isinstance(r, Exception):
+                raise RedisUnavailable(f"redis error: {r}")
+        return _number_hits(numbers, replies)
 
     def _load_scripts(self) -> None:
         self._roundtrip([["SCRIPT", "LOAD", s.source] for s in SCRIPTS])
@@ -422,6 +428,15 @@ def _f(x: str) -> float:
 
 def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+def _number_hits(numbers: Sequence[str],
+                 replies: Sequence[Any]) -> tuple[tuple[str, str, bytes], ...]:
+    """(list, number, record) for every list a number is on, from one MGET per number."""
+    return tuple((name, number, blob)
+                 for number, found in zip(numbers, replies, strict=True)
+                 for name, blob in zip(keys.NUMBER_LISTS, found, strict=True)
+                 if blob is not None)
 
 
 def pack_decision(attempt: CallAttempt, decision: Decision, now: float) -> bytes:

@@ -276,8 +276,10 @@ def check(ctx: Context) -> CheckResult:
         if hit is None:
             hit = number_db_hit(ctx, "dno")
         if hit is not None:
-            on = hit.on.removeprefix("number ")
-            found.append((SCORE_DNO, f"caller {on} is on the do-not-originate list", "dno"))
+            on, db, _ = hit.on.removeprefix("number ").partition(" (number database)")
+            where = " (number database)" if db else ""
+            found.append((SCORE_DNO, f"caller {on} is on the do-not-originate list{where}",
+                          "dno"))
 
     for label, n in callers:
         if n.score > 0.0:

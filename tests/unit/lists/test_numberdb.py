@@ -24,6 +24,7 @@ from tests.redis_replies import bytes_entries
 from tests.unit.scoring.support import attempt
 
 NOW = time.time()
+BLOCKED_NUMBER = "+15550100666"
 
 
 @pytest.fixture
@@ -252,3 +253,23 @@ def test_on_a_cluster_import_count_export_and_lookup(redis_cluster_url: str,
         store.close()
         client.flushall()
         client.close()
+
+
+def test_the_first_call_after_the_lookup_is_turned_on_is_looked_up(
+    service: ScoringService, db: NumberDb, r: redis.Redis
+) -> None:
+    """Its round trip went out under the old config; the reply's config turns the lookup on,
+    so the service looks the numbers up before deciding (a second round trip, once)."""
+    service.score(attempt(call_id="before"), now=NOW)
+    db.add("block", BLOCKED_NUMBER)
+    config_admin.set_value(r, "numbers.lookup", "true", user="test")
+    r.config_resetstat()
+    first = service.score(attempt(call_id="first", from_user=BLOCKED_NUMBER), now=NOW)
+    assert first.action is Action.REJECT and first.rule == "blocklist"
+    assert r.info("commandstats")["cmdstat_mget"]["calls"] == 2  # versions, then the late one
+    r.config_resetstat()
+    second = service.score(attempt(call_id="second", from_user=BLOCKED_NUMBER), now=NOW)
+    assert second.rule == "blocklist"
+    assert r.info("commandstats")["cmdstat_mget"]["calls"] == 2  # versions + number, one trip
+    clean = service.score(attempt(call_id="clean", from_user="alice"), now=NOW)
+    assert clean.rule == "score"

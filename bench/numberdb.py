@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""The number database at carrier size: import rate, Redis memory per number, and what the
+lookup adds to an INVITE's scoring, side by side in one run.
+
+    .venv/bin/python bench/numberdb.py [--numbers 1000000] [--n 5000] [--rounds 5]
+
+Starts its own redis-server on a free loopback port and stops it by pid. First it imports
+`--numbers` random E.164 numbers into the block list with `NumberDb.import_numbers` (what
+`spitwall numbers import` runs after validating the file) and prints numbers per second and
+Redis `used_memory` per number. Then `ScoringService.score` runs `--n` INVITEs per round with
+`numbers.lookup` off and on, alternating (the same INVITEs for both; one in ten callers is on
+the list), and prints the client's CPU time per INVITE (what a Kamailio child spends), the wall
+time per INVITE and Redis' CPU per INVITE, best and median, and the ratios on/off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import redis  # noqa: E402
+
+from lists.numberdb import NumberDb, NumberLine  # noqa: E402
+from ops.lab import start_redis_server  # noqa: E402
+from ops.procs import free_port, stop_pid  # noqa: E402
+from scoring import config_admin  # noqa: E402
+from scoring.model import CallAttempt  # noqa: E402
+from scoring.service import ScoringService  # noqa: E402
+from scoring.store import Store  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def number(rng: random.Random) -> str:
+    return f"+1{rng.randrange(2_000_000_000, 9_999_999_999)}"
+
+
+def attempts(rng: random.Random, n: int, listed: Sequence[str]) -> list[CallAttempt]:
+    out = []
+    for i in range(n):
+        caller = rng.choice(listed) if i % 10 == 0 else number(rng)
+        out.append(CallAttempt(call_id=f"bench-{rng.getrandbits(64):x}",
+                               source_ip=f"127.0.{rng.randrange(2, 250)}.{rng.randrange(1, 250)}",
+                               source_port=5060, from_user=caller, from_domain="example.net",
+                               ruri_user=number(rng), ruri_domain="example.com",
+                               user_agent="bench"))
+    return out
+
+
+def run_round(service: ScoringService, calls: Sequence[CallAttempt],
+              redis_pid: int) -> tuple[float, float, float]:
+    """(client CPU µs, wall µs, Redis CPU µs) per INVITE."""
+    s0, c0, w0 = proc_cpu(redis_pid), time.process_time(), time.perf_counter()
+    for a in calls:
+        service.score(a)
+    service.store.versions()  # read the last deferred replies
+    w1, c1, s1 = time.perf_counter(), time.process_time(), proc_cpu(redis_pid)
+    n = len(calls)
+    return (c1 - c0) / n * 1e6, (w1 - w0) / n * 1e6, (s1 - s0) / n * 1e6
+
+
+def set_lookup(client: redis.Redis, service: ScoringService, on: bool,
+               rng: random.Random) -> None:
+    config_admin.set_value(client, "numbers.lookup", "true" if on else "false", user="bench")
+    for a in attempts(rng, 5, ["+12025550123"]):  # the service picks the change up
+        service.score(a)
+    assert service.config["numbers.lookup"] is on
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--numbers", type=int, default=1_000_000,
+                   help="numbers imported into the block list (1000000)")
+    p.add_argument("--n", type=int, default=5000, help="INVITEs per round and mode (5000)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per mode (5)")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.numbers < 10 or args.n < 1 or args.rounds < 1:
+        p.error("--numbers must be >= 10, --n and --rounds positive")
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="spitwall-bench-") as tmp:
+        port = free_port("127.0.0.1", "tcp")
+        pid = start_redis_server(Path(tmp), port)
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url)
+        store = Store(url, timeout=2.0)
+        try:
+            listed = sorted({number(rng) for _ in range(args.numbers)})
+            items = [NumberLine(n, "") for n in listed]
+            mem0 = int(client.info("memory")["used_memory"])
+            t0 = time.perf_counter()
+            NumberDb(client).import_numbers("block", items, source="bench", reason="feed",
+                                            user="bench")
+            took = time.perf_counter() - t0
+            mem1 = int(client.info("memory")["used_memory"])
+            print(f"import: {len(items)} numbers in {took:.1f} s = {len(items) / took:,.0f} "
+                  f"numbers/s; Redis memory {(mem1 - mem0) / len(items):.0f} bytes per number "
+                  f"({(mem1 - mem0) / 2**20:.0f} MiB)")
+
+            service = ScoringService(store)
+            for a in attempts(rng, 200, listed):  # connect, load scripts and config
+                service.score(a)
+            results: dict[str, list[tuple[float, float, float]]] = {"off": [], "on": []}
+            for _ in range(args.rounds):
+                calls = attempts(rng, args.n, listed)
+                for mode in ("off", "on"):
+                    set_lookup(client, service, mode == "on", rng)
+                    results[mode].append(run_round(service, calls, pid))
+        finally:
+            store.close()
+            client.close()
+            stop_pid(pid, "redis-server")
+    print(f"{args.rounds} rounds x {args.n} INVITEs per mode (ScoringService.score: observe, "
+          "checks, record), alternating; 1 in 10 callers on the block list")
+    print(f"{'lookup':8} {'client CPU us':>22} {'wall us':>22} {'redis CPU us':>22}")
+    med: dict[str, list[float]] = {}
+    for mode, rows in results.items():
+        cols = []
+        for i in range(3):
+            vals = [r[i] for r in rows]
+            cols.append(f"{min(vals):9.1f} (med {statistics.median(vals):7.1f})")
+        med[mode] = [statistics.median(r[i] for r in rows) for i in range(3)]
+        print(f"{mode:8} {cols[0]:>22} {cols[1]:>22} {cols[2]:>22}")
+    ratios = [on / off for on, off in zip(med["on"], med["off"], strict=True)]
+    print(f"on / off (medians): client CPU {ratios[0]:.3f}, wall {ratios[1]:.3f}, "
+          f"redis CPU {ratios[2]:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
