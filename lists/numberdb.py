@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from lists.model import ListEntry, normalise
+from lists.store import as_bytes
 from scoring import audit, keys
 
 #: lists a number can be on in the database (the in-memory lists have more kinds)
@@ -159,7 +160,7 @@ class NumberDb:
         entry = ListEntry("number", norm, reason, now, now + seconds if seconds else 0.0,
                           user or audit.os_user())
         key = keys.number_key(norm, name)
-        old = _bytes(self.client.get(key))
+        old = as_bytes(self.client.get(key))
         self.client.set(key, entry.pack(), ex=seconds)
         self._audit(f"add {name}", norm, json.dumps(entry.as_json()), entry.by,
                     old=_describe(norm, old))
@@ -169,7 +170,7 @@ class NumberDb:
         check_number_list(name)
         norm = normalise("number", number)
         key = keys.number_key(norm, name)
-        old = _bytes(self.client.get(key))
+        old = as_bytes(self.client.get(key))
         if old is None:
             return False
         self.client.delete(key)
@@ -183,7 +184,7 @@ class NumberDb:
         found: dict[str, ListEntry] = {}
         values = self.client.mget(keys.number_keys(norm))
         for name, value in zip(NUMBER_LISTS, values, strict=True):
-            blob = _bytes(value)
+            blob = as_bytes(value)
             if blob is not None:
                 found[name] = unpack_entry(norm, blob)
         return found
@@ -264,12 +265,6 @@ class ImportInterrupted(Exception):
                          "running it again is safe")
         self.done = done
         self.total = total
-
-
-def _bytes(value: object) -> bytes | None:
-    if value is None:
-        return None
-    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
 
 
 def _describe(number: str, blob: bytes | None) -> str:

@@ -59,7 +59,7 @@ class ListStore:
         entry = ListEntry(kind, norm, reason, now, now + ttl if ttl else 0.0,
                           user or audit.os_user())
         key = keys.list_key(name)
-        old = _bytes(self.client.hget(key, entry.field))
+        old = as_bytes(self.client.hget(key, entry.field))
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(key, entry.field, entry.pack())
         pipe.incr(keys.LISTS_VERSION)
@@ -74,7 +74,7 @@ class ListStore:
         norm = normalise(kind, value)
         key = keys.list_key(name)
         field = f"{kind}:{norm}"
-        old = _bytes(self.client.hget(key, field))
+        old = as_bytes(self.client.hget(key, field))
         if old is None:
             return False
         pipe = self.client.pipeline(transaction=True)
@@ -165,7 +165,8 @@ def _describe(field: str, blob: bytes | None) -> str:
         return "<unreadable>"
 
 
-def _bytes(x: Any) -> bytes | None:
+def as_bytes(x: Any) -> bytes | None:
+    """A Redis reply as bytes (None stays None), whatever the client's decoding."""
     if x is None or isinstance(x, bytes):
         return x
     return str(x).encode()
