@@ -314,6 +314,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
                  f"UA        {d['call']['ua']}",
                  f"decision  {d['action'].upper()}  score {d['score']:.2f}  (rule: {d['rule']}"
                  + (", degraded: Redis unavailable" if d["degraded"] else "") + ")",
+                 *([f"monitor   would have been {d['would'].upper()}; relayed (mode=monitor)"]
+                   if d.get("would") else []),
                  "",
                  f"{'check':18} {'score':>6} {'weight':>7} {'contrib':>8}  reason"]
         for c in checks:

@@ -135,6 +135,10 @@ PREFIXED: dict[str, tuple[str, str, str]] = {
     "action:": ("spitwall_decisions",
                 "Calls the proxy scored and recorded, by action (kill-switch relays and "
                 "decisions whose record was lost are counted apart).", "action"),
+    "monitor:": ("spitwall_monitor_would",
+                 "Monitor mode (mode=monitor): calls relayed that scoring would have diverted "
+                 "or rejected, by that action (they are in spitwall_decisions_total as relay).",
+                 "action"),
     "feedback:": ("spitwall_feedback",
                   "Reputation feedback recorded by the proxy (call ends, in-call reports).",
                   "kind"),

@@ -164,6 +164,10 @@ def _http_url(text: str) -> str:
 def _params() -> dict[str, Param]:
     p: list[Param] = [
         Param("enabled", "bool", True, "kill switch: false relays every call unscored"),
+        Param("mode", "choice", "enforce",
+              "enforce: apply decisions; monitor: score, record and count every call as "
+              "usual but relay it (block-listed callers are still rejected), for roll-out "
+              "and tuning", choices=("enforce", "monitor")),
         Param("divert_threshold", "float", 0.3, "score at or above which calls are diverted",
               0.0, 1.0),
         Param("reject_threshold", "float", 0.7, "score at or above which calls are rejected",

@@ -133,6 +133,9 @@ class Decision:
     contributions: tuple[Contribution, ...] = ()
     rule: str = "score"
     degraded: bool = False
+    #: monitor mode (`mode=monitor`): what scoring decided and was not applied (the call
+    #: was relayed); None when the decision was applied
+    would: Action | None = None
 
     def reasons(self) -> list[str]:
         return [f"{c.name}: {c.reason}" for c in self.contributions if c.reason]

@@ -37,6 +37,8 @@ FLUSHED_COUNTERS = frozenset({
     "config_reload_failed", "lists_reload_failed", "ring_control_stripped", "relay_disabled",
 })
 FLUSHED_PREFIXES = ("check_error:",)
+#: decisions that monitor mode still applies: explicit operator blocks, not scoring
+MONITOR_ENFORCES = frozenset({"blocklist"})
 
 
 class ScoringService:
@@ -76,6 +78,10 @@ class ScoringService:
         country = country_for(self.config, attempt.source_ip)
         ctx = Context(attempt, signals, self.config, self.lists, country=country, now=t)
         decision = self._pass(attempt, signals, t) or decide(ctx, on_error=self._check_failed)
+        if (decision.action is not Action.RELAY and decision.rule not in MONITOR_ENFORCES
+                and self.config["mode"] == "monitor"):
+            decision = dataclasses.replace(decision, action=Action.RELAY, would=decision.action)
+            self.counters[f"monitor:{decision.would}"] += 1
         self.counters[f"action:{decision.action.value}"] += 1
         x5u = self._x5u_miss(attempt, decision)
         try:

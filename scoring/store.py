@@ -292,6 +292,8 @@ class Store:
              attempt.call_id, blob, str(keys.DECISION_BUCKET_SIZE), str(keys.DECISION_TTL)],
             ["HINCRBY", keys.STATS, f"action:{decision.action.value}", "1"],
         ]
+        if decision.would is not None:  # monitor mode: what would have been done
+            commands.append(["HINCRBY", keys.STATS, f"monitor:{decision.would.value}", "1"])
         if decision.rule == "score" and decision.action is not Action.RELAY:
             kind = decision.action.value  # reject | divert
             commands.append(update_command(caller_rep_key(attempt.caller_key), kind, t, half_life))
@@ -449,6 +451,7 @@ def pack_decision(attempt: CallAttempt, decision: Decision, now: float) -> bytes
         "score": decision.score,
         "rule": decision.rule,
         "degraded": decision.degraded,
+        **({"would": decision.would.value} if decision.would is not None else {}),
         "checks": [[c.name, round(c.score, 4), c.weight, c.reason]
                    for c in decision.contributions],
         "call": {"src": f"{attempt.source_ip}:{attempt.source_port}/{attempt.transport}",

@@ -15,6 +15,7 @@ from scoring.model import Action
 from scoring.service import COUNTER_FLUSH, ScoringService
 from scoring.store import Store, find_decision
 from tests.conftest import RedisServer
+from tests.redis_replies import bytes_hash
 from tests.unit.scoring.support import attempt, dead_redis_url
 
 NOW = 1_800_000_000.0
@@ -275,3 +276,32 @@ def test_kill_switch_relays_are_counted(service: ScoringService, r: redis.Redis,
     for i in range(4):
         assert service.score(attempt(call_id=f"off{i}"), now=NOW).rule == "disabled"
     assert service.flush_counters() == {"relay_disabled": 4}
+
+
+def test_monitor_mode_relays_records_what_it_would_have_done(service: ScoringService,
+                                                             r: redis.Redis) -> None:
+    """mode=monitor: scored, recorded and counted as usual, but relayed; the record and the
+    stats say what enforcing would have done; reputation is not nudged by a reject that did
+    not happen; an explicit block-list entry is still applied; enforce applies again."""
+    from scoring.reputation import caller_rep_key
+
+    scanner = attempt(call_id="mon-1", user_agent="friendly-scanner", from_user="mallory")
+    config_admin.set_value(r, "mode", "monitor", user="test")
+    service.score(attempt(call_id="warm-up"), now=NOW)  # the child sees the change
+    d = service.score(scanner, now=NOW)
+    assert d.action is Action.RELAY and d.would is Action.REJECT and d.rule == "score"
+    assert d.score >= 0.7
+    ListStore(r).add("block", "ip", "203.0.113.66", reason="abuse", user="test")
+    blocked = service.score(attempt(call_id="mon-2", source_ip="203.0.113.66"), now=NOW)
+    assert blocked.action is Action.REJECT and blocked.would is None
+    service.store.fetch_config()  # a round trip: the deferred writes are done
+    rec = find_decision(r, "mon-1")
+    assert rec is not None and rec["action"] == "relay" and rec["would"] == "reject"
+    assert "would" not in (find_decision(r, "mon-2") or {})
+    stats = {k.decode(): int(v) for k, v in bytes_hash(r.hgetall(keys.STATS)).items()}
+    assert stats["monitor:reject"] == 1 and stats["action:reject"] == 1  # the block only
+    assert not r.exists(caller_rep_key(scanner.caller_key))
+    config_admin.set_value(r, "mode", "enforce", user="test")
+    again = service.score(attempt(call_id="mon-3", user_agent="friendly-scanner",
+                                  from_user="mallory"), now=NOW)
+    assert again.action is Action.REJECT and again.would is None
