@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from intercept.events import (
 )
 from intercept.events import Target as Role
 from intercept.keys import MediaKeys, extract
+from intercept.spool import Spool
 from intercept.targets import Match, Target, TargetSnapshot
 from scoring.model import CallAttempt, caller_identity
 from scoring.store import RedisUnavailable
@@ -47,6 +49,8 @@ log = logging.getLogger("spitwall.intercept")
 
 #: events kept in memory per process while Redis cannot take them (re-sent on recovery)
 BACKLOG_MAX = 10_000
+#: seconds between attempts to replay the spool after Redis refused a write
+SPOOL_RETRY = 1.0
 
 Command = list[Any]
 
@@ -136,6 +140,9 @@ class Tap:
         self._certs: dict[bytes, x509.Certificate] = {}  # parsed recipient certificates
         self.backlog: deque[Command] = deque(maxlen=BACKLOG_MAX)
         self.lost = 0  # events dropped because the backlog overflowed
+        #: with a spool directory, events Redis refuses go to disk instead of `backlog`
+        self.spool: Spool | None = None
+        self._spool_retry_at = 0.0
         self.errors = 0  # events that could not be built (malformed SDP, bad record)
 
     # -- targets ---------------------------------------------------------------------------
@@ -321,9 +328,15 @@ class Tap:
         return cmds
 
     # -- durable hand-off --------------------------------------------------------------------
-    def flush(self, commands: Sequence[Command], send: Callable[[Sequence[Command]], None]) -> None:
+    def flush(self, commands: Sequence[Command], send: Callable[[Sequence[Command]], None],
+              now: float | None = None) -> None:
         """Send the backlog and `commands` with `send` (a deferred pipeline write). When it
-        raises (Redis down), everything is kept in the bounded backlog for the next call."""
+        raises (Redis down), everything is kept in the bounded backlog for the next call, or
+        with a spool (`intercept.spool`), on disk, where a crash cannot lose it."""
+        if self.spool is not None:
+            self._flush_spooled(self.spool, commands, send,
+                                time.monotonic() if now is None else now)
+            return
         pending = [*self.backlog, *commands]
         if not pending:
             return
@@ -336,3 +349,21 @@ class Tap:
             self.backlog.extend(pending[overflow:])
             raise
         self.backlog.clear()
+
+    def _flush_spooled(self, spool: Spool, commands: Sequence[Command],
+                       send: Callable[[Sequence[Command]], None], now: float) -> None:
+        """Spooled events first (every process's, oldest first), then `commands`; whatever
+        Redis refuses is appended to this process's spool file. After a refusal the spool is
+        not read again for `SPOOL_RETRY` seconds: new events go behind it, in order."""
+        try:
+            if spool.pending(now):
+                if now < self._spool_retry_at:
+                    raise RedisUnavailable("intercept spool: waiting before the next replay")
+                spool.replay(send)
+            if commands:
+                send(commands)
+        except (RedisUnavailable, ConnectionError, OSError):  # the caller counts it
+            self._spool_retry_at = max(self._spool_retry_at, now + SPOOL_RETRY)
+            spool.append(commands)
+            raise
+

@@ -50,6 +50,7 @@ _add_venv(_root())
 import KSR  # noqa: E402
 
 from intercept import names as li_names  # noqa: E402
+from intercept.spool import Spool  # noqa: E402
 from kemi.attempt import build_attempt, clean, read_pv  # noqa: E402
 from kemi.tap import KemiTap  # noqa: E402
 from scoring.checks import ring_hijack  # noqa: E402
@@ -123,6 +124,7 @@ class Handler:
         self.next_hop = ""
         self.media_uri = ""
         self.deliver_uri = ""
+        self.li_spool = ""
         self.timeout = 0.2
         self.errors = 0
         self.ktap = KemiTap()
@@ -151,6 +153,8 @@ class Handler:
             self.timeout = float(_setting("REDIS_TIMEOUT", "SPITWALL_REDIS_TIMEOUT", "0.2"))
         except ValueError:
             self.timeout = 0.2
+        # intercept events Redis refuses go to disk here ('' = kept in memory only)
+        self.li_spool = _setting("LI_SPOOL", "SPITWALL_LI_SPOOL", "")
 
     def _ensure_service(self) -> ScoringService:
         # Connections are per process: make them after fork, never at import time.
@@ -160,6 +164,13 @@ class Handler:
             store.watch_keys = (li_names.VERSION,)  # intercept targets' version, same trip
             self.service = ScoringService(store)
             self.ktap = KemiTap()
+            if self.li_spool:
+                try:
+                    self.ktap.tap.spool = Spool(self.li_spool)
+                except OSError as exc:  # events then wait in memory, as without a spool
+                    self.service.counters["li_spool_unusable"] += 1
+                    KSR.err(f"spitwall: intercept spool {clean(self.li_spool, 200)} unusable "
+                            f"({exc.strerror}); events Redis refuses are kept in memory\n")
         return self.service
 
     def _barrier(self, exc: Exception, where: str) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import KSR
@@ -124,10 +125,18 @@ class KemiTap:
         return self.tap.handle(kind, item)
 
     def _queue(self, svc: ScoringService, commands: list[list[Any]]) -> None:
+        def write(cmds: Sequence[list[Any]]) -> None:
+            # awaited (this is the timer process, off the signalling path): a deferred write
+            # into a connection whose Redis just died would be lost without an error
+            for err in svc.store.write(cmds):
+                svc.counters["li_write_error"] += 1
+                KSR.err(f"spitwall: intercept event refused by Redis: {err!r:.200}\n")
+
         try:
-            self.tap.flush(commands, svc.store.defer)
+            self.tap.flush(commands, write)
         except RedisUnavailable:
-            svc.counters["li_backlog"] += 1
+            if commands:  # kept (in memory, or in the spool) for a later write
+                svc.counters["li_backlog"] += 1
 
     # -- the timer process ---------------------------------------------------------------
     def drain(self, svc: ScoringService) -> int:
@@ -143,8 +152,11 @@ class KemiTap:
                 KSR.warn(f"spitwall: could not lower the intercept timer's priority: {exc}\n")
         n = 0
         if int(KSR.mqueue.mq_size(QUEUE)) <= 0:
-            if self.tap.backlog:
-                self._queue(svc, [])  # retry what Redis refused
+            spool = self.tap.spool
+            if self.tap.backlog or (spool is not None and spool.pending()):
+                # retry what Redis refused; with a spool also what other processes (or a
+                # Kamailio that died) left there: the spool's own look is once a second
+                self._queue(svc, [])
             return 0
         svc.sync()  # once per busy tick: current targets (the version rides along)
         self.sync(svc)

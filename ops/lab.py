@@ -185,6 +185,8 @@ class LabState:
         with a password, goes through the environment, which only the owner can read)."""
         env = dict(os.environ)
         env["SPITWALL_REDIS"] = self.url_for(role) if role else self.redis_url
+        if role == "proxy":  # intercept events Redis refuses wait on disk (intercept.spool)
+            env.setdefault("SPITWALL_LI_SPOOL", str(Path(self.workdir) / "li-spool"))
         return env
 
     def to_json(self) -> str:

@@ -359,6 +359,15 @@ class Store:
             return dict(reply)
         return dict(zip(reply[0::2], reply[1::2], strict=True))
 
+    def write(self, commands: Sequence[Sequence[Any]]) -> list[Exception]:
+        """Send and read the replies (one round trip), for writes that must not be lost
+        silently: a write into a connection whose server died is only noticed when its reply
+        is read. RedisUnavailable when Redis cannot be reached or the connection fails;
+        otherwise the commands' own errors (e.g. NOPERM), which retrying would not mend."""
+        if not commands:
+            return []
+        return [r for r in self._roundtrip(commands) if isinstance(r, Exception)]
+
     def defer(self, commands: Sequence[Sequence[Any]]) -> None:
         """Write without waiting for the replies (they are read before the next request)."""
         self._defer(commands)
