@@ -505,11 +505,15 @@ class Handler:
             self._barrier(exc, "tap_invite")
         # With the kill switch on, dialogs are still tracked while intercept targets exist:
         # for every call alike (a target's call must look like anyone else's).
-        if rc and (decision.rule != "disabled" or self.ktap.active()):
+        # Emergency calls give no duration feedback (a short call to 112 is no spam signal).
+        unscored = decision.rule in ("disabled", "emergency")
+        if rc and (not unscored or self.ktap.active()):
             # dialogs of every call alike while intercept targets exist (a target's call
             # must look like anyone else's), else only for the call-duration feedback
             if svc.config["reputation.call_duration"] or self.ktap.active():
-                self._track_dialog(attempt, diverted=(rc == 2))
+                # the note's "diverted" flag means: no duration feedback at the dialog's end
+                self._track_dialog(attempt,
+                                   diverted=(rc == 2 or decision.rule == "emergency"))
             self.ktap.track(attempt)
         self.last_action = decision.action.value
         return rc
@@ -549,7 +553,7 @@ class Handler:
         if decision.action is Action.DIVERT:
             log.warning("divert decided but no MEDIA_URI configured: relaying")
         header = str(svc.config["score_header"])
-        if header and decision.rule != "disabled" and decision.rule != "allowlist":
+        if header and decision.rule not in ("disabled", "allowlist", "emergency"):
             KSR.hdr.append(f"{header}: {decision.score:.2f}\r\n")
         return 1
 

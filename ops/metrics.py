@@ -170,6 +170,9 @@ EXACT["relay_disabled"] = ("spitwall_kill_switch_relays",
 EXACT["ring_control_stripped"] = ("spitwall_ring_control_stripped",
                                   "INVITEs whose Alert-Info / Call-Info ring control was "
                                   "removed (ring hijack).", None, "")
+EXACT["emergency"] = ("spitwall_emergency_calls",
+                      "Emergency calls (emergency.numbers, urn:service:sos) relayed unscored "
+                      "(also in spitwall_decisions_total as relay).", None, "")
 EXACT["media_fallback"] = ("spitwall_divert_fallback",
                            "Diverted calls relayed to the callee because the answering machine "
                            "did not take them (media.fallback=relay).", None, "")

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from scoring.emergency import parse_numbers
+
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]{0,63}$")
 
 
@@ -161,6 +163,10 @@ def _http_url(text: str) -> str:
     return t
 
 
+def _emergency_numbers(text: str) -> str:
+    return ",".join(sorted(parse_numbers(text)))
+
+
 def _params() -> dict[str, Param]:
     p: list[Param] = [
         Param("enabled", "bool", True, "kill switch: false relays every call unscored"),
@@ -168,6 +174,10 @@ def _params() -> dict[str, Param]:
               "enforce: apply decisions; monitor: score, record and count every call as "
               "usual but relay it (block-listed callers are still rejected), for roll-out "
               "and tuning", choices=("enforce", "monitor")),
+        Param("emergency.numbers", "str", "112,911",
+              "short codes of emergency services (comma-separated digits): calls to them, and "
+              "to urn:service:sos, are relayed unscored whatever the lists say",
+              validator=_emergency_numbers),
         Param("divert_threshold", "float", 0.3, "score at or above which calls are diverted",
               0.0, 1.0),
         Param("reject_threshold", "float", 0.7, "score at or above which calls are rejected",

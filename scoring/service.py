@@ -14,7 +14,7 @@ import time
 from collections import Counter
 
 from lists.matcher import ListHit, ListSnapshot
-from scoring import passtoken
+from scoring import emergency, passtoken
 from scoring.checks.base import Context
 from scoring.checks.callerid import lookup_numbers
 from scoring.config import Config, parse_hosts
@@ -35,6 +35,7 @@ COUNTER_FLUSH = 5.0  # seconds between flushes of a child's own counters to `spi
 FLUSHED_COUNTERS = frozenset({
     "redis_unavailable", "record_lost", "pass_token_accepted", "pass_token_refused",
     "config_reload_failed", "lists_reload_failed", "ring_control_stripped", "relay_disabled",
+    "emergency",
 })
 FLUSHED_PREFIXES = ("check_error:",)
 #: decisions that monitor mode still applies: explicit operator blocks, not scoring
@@ -60,7 +61,11 @@ class ScoringService:
     def score(self, attempt: CallAttempt, now: float | None = None) -> Decision:
         t = time.time() if now is None else now
         if not self.config["enabled"] and self.config.version >= 0:
-            return self._disabled(t)
+            return self._disabled(t)  # relays every call, emergency calls too
+        called = emergency.service(attempt.request_uri, attempt.ruri_user,
+                                   emergency.parse_numbers(str(self.config["emergency.numbers"])))
+        if called is not None:
+            return self._emergency(attempt, called, t)
         try:
             looked_up = bool(self.config["numbers.lookup"])
             numbers = (lookup_numbers(attempt, str(self.config["callerid.region"]))
@@ -106,6 +111,20 @@ class ScoringService:
             self.counters["redis_unavailable"] += 1
             log.debug("number lookup failed: %s", exc)
             return signals
+
+    def _emergency(self, attempt: CallAttempt, called: str, now: float) -> Decision:
+        """An emergency call: relayed unscored, no counters, no round trip; recorded."""
+        self.counters["emergency"] += 1
+        self.counters["action:relay"] += 1
+        decision = Decision(Action.RELAY, 0.0, (Contribution(
+            "emergency", 0.0, 0.0, f"emergency call ({called[:40]}): never screened"),),
+            rule="emergency")
+        try:
+            self.store.record(attempt, decision, now)
+        except RedisUnavailable:
+            self.counters["record_lost"] += 1
+        self.maybe_flush_counters()
+        return decision
 
     def _pass(self, attempt: CallAttempt, signals: Signals, now: float) -> Decision | None:
         """A caller the answering machine judged human comes back with a pass token: relay
