@@ -107,7 +107,7 @@ def test_counters_get_named_metrics_with_labels(r: redis.Redis,
                "kemi_error:request_route": 1, "check_error:geoip": 3, "check_error:stir": 2,
                "redis_unavailable": 6, "record_lost": 2, "config_reload_failed": 1,
                "pass_token_accepted": 9, "pass_token_refused": 8, "ring_control_stripped": 1,
-               "relay_disabled": 11, "media_fallback": 3, "monitor:reject": 4,
+               "relay_disabled": 11, "media_fallback": 3, "monitor:reject": 4, "emergency": 2,
                "invented_later": 12}
     for field, n in written.items():
         r.hincrby(keys.STATS, field, n)
@@ -131,6 +131,7 @@ def test_counters_get_named_metrics_with_labels(r: redis.Redis,
     assert val(m, "spitwall_kill_switch_relays_total") == 11
     assert val(m, "spitwall_divert_fallback_total") == 3
     assert m["spitwall_monitor_would_total"] == {(("action", "reject"),): 4}
+    assert val(m, "spitwall_emergency_calls_total") == 2
     # a field nobody taught the exporter is not dropped
     assert m["spitwall_counter_total"] == {(("name", "invented_later"),): 12}
     assert val(m, "spitwall_stats_invalid_fields") == 0
