@@ -113,7 +113,7 @@ class ScoringService:
             return signals
 
     def _emergency(self, attempt: CallAttempt, called: str, now: float) -> Decision:
-        """An emergency call: relayed unscored, no counters, no round trip; recorded."""
+        """An emergency call: relayed unscored, no rate counted, no round trip; recorded."""
         self.counters["emergency"] += 1
         self.counters["action:relay"] += 1
         decision = Decision(Action.RELAY, 0.0, (Contribution(
