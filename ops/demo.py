@@ -135,7 +135,8 @@ def run(workdir: Path, quiet: bool = False) -> list[ClassResult]:
         scan.note = (f"{probes} probe(s) dropped; svmap found "
                      f"{'nothing' if svmap.found_nothing else ', '.join(svmap.found)}")
         results.append(scan)
-        svwar = run_svwar(host, port, SVWAR_SOURCE, extensions="100-199", method="INVITE",
+        # 200-299: no emergency short code (112, 911), which spitwall never screens
+        svwar = run_svwar(host, port, SVWAR_SOURCE, extensions="200-299", method="INVITE",
                           timeout=120)
         war = ClassResult(f"sipvicious svwar ({SVWAR_SOURCE})")
         for d in _decisions_from(client, SVWAR_SOURCE):
