@@ -113,7 +113,14 @@ def unpack_entry(number: str, blob: bytes) -> ListEntry:
 
 
 class NumberDb:
-    """Operator-side changes to the number database; every change is audited."""
+    """Operator-side changes to the number database; every change is audited.
+
+    Besides the number's key, each list keeps an index: `keys.NUMBER_INDEX_BUCKETS` sorted sets
+    (`spitwall:{numidx:block:17}`, the bucket chosen by a CRC of the number) whose members are
+    the numbers and whose scores are their expiry (`+inf`: none). Counting, exporting and
+    clearing a list read the index, never the keyspace: the operator's Redis role may not SCAN
+    (it would reveal the intercept keys' names), and a SCAN is O(all keys). Expired members are
+    pruned from the index whenever it is read or written."""
 
     def __init__(self, client: redis.Redis, batch: int = BATCH) -> None:
         self.client = client
@@ -122,12 +129,15 @@ class NumberDb:
     def _write(self, name: str, items: list[NumberLine], *, ttl: int | None, reason: str,
                user: str) -> Iterator[int]:
         now = time.time()
+        expires = now + ttl if ttl else 0.0
+        score = expires or "+inf"
         for start in range(0, len(items), self.batch):
             pipe = self.client.pipeline(transaction=False)
             for item in items[start:start + self.batch]:
-                entry = ListEntry("number", item.number, item.reason or reason, now,
-                                  now + ttl if ttl else 0.0, user)
+                entry = ListEntry("number", item.number, item.reason or reason, now, expires,
+                                  user)
                 pipe.set(keys.number_key(item.number, name), entry.pack(), ex=ttl)
+                pipe.zadd(keys.number_index_key(item.number, name), {item.number: score})
             pipe.execute()
             yield min(start + self.batch, len(items))
 
@@ -144,6 +154,7 @@ class NumberDb:
         try:
             for written in self._write(name, items, ttl=seconds, reason=reason, user=by):
                 done = written
+            self._prune(name)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise ImportInterrupted(done, len(items), exc) from exc
         self._audit(f"import {name}", source, json.dumps(
@@ -156,13 +167,11 @@ class NumberDb:
         seconds = _check_ttl(ttl)
         _check_reason(reason, "--reason")
         norm = normalise("number", number)
-        now = time.time()
-        entry = ListEntry("number", norm, reason, now, now + seconds if seconds else 0.0,
-                          user or audit.os_user())
-        key = keys.number_key(norm, name)
-        old = as_bytes(self.client.get(key))
-        self.client.set(key, entry.pack(), ex=seconds)
-        self._audit(f"add {name}", norm, json.dumps(entry.as_json()), entry.by,
+        old = as_bytes(self.client.get(keys.number_key(norm, name)))
+        by = user or audit.os_user()
+        next(self._write(name, [NumberLine(norm, reason)], ttl=seconds, reason=reason, user=by))
+        entry = self.check(norm)[name]
+        self._audit(f"add {name}", norm, json.dumps(entry.as_json()), by,
                     old=_describe(norm, old))
         return entry
 
@@ -171,6 +180,7 @@ class NumberDb:
         norm = normalise("number", number)
         key = keys.number_key(norm, name)
         old = as_bytes(self.client.get(key))
+        self.client.zrem(keys.number_index_key(norm, name), norm)
         if old is None:
             return False
         self.client.delete(key)
@@ -189,15 +199,29 @@ class NumberDb:
                 found[name] = unpack_entry(norm, blob)
         return found
 
-    def scan(self, name: str) -> Iterator[str]:
-        """The keys of one list (SCAN over every node: O(keyspace), for operators only)."""
+    def _prune(self, name: str) -> None:
+        """Drop index members whose expiry has passed (their keys expired by their TTL)."""
+        now = time.time()
+        pipe = self.client.pipeline(transaction=False)
+        for idx in keys.number_index_keys(name):
+            pipe.zremrangebyscore(idx, "-inf", now)
+        pipe.execute()
+
+    def numbers(self, name: str) -> Iterator[str]:
+        """Every number on the list (from its index, expired ones pruned first)."""
         check_number_list(name)
-        pattern = keys.number_key("*", name)
-        for key in self.client.scan_iter(match=pattern, count=1000):
-            yield key.decode() if isinstance(key, bytes) else str(key)
+        self._prune(name)
+        for idx in keys.number_index_keys(name):
+            for member in self.client.zrange(idx, 0, -1):
+                yield member.decode() if isinstance(member, bytes) else str(member)
 
     def count(self, name: str) -> int:
-        return sum(1 for _ in self.scan(name))
+        check_number_list(name)
+        self._prune(name)
+        pipe = self.client.pipeline(transaction=False)
+        for idx in keys.number_index_keys(name):
+            pipe.zcard(idx)
+        return sum(int(n) for n in pipe.execute())
 
     def export(self, name: str, path: Path) -> int:
         """Write ``NUMBER,REASON`` lines (the import format), sorted; returns how many."""
@@ -205,16 +229,15 @@ class NumberDb:
         batch: list[str] = []
 
         def flush() -> None:
-            for key, blob in zip(batch, self._mget_each(batch), strict=True):
+            for number, blob in zip(batch, self._get_each(name, batch), strict=True):
                 if blob is None:
-                    continue  # expired between SCAN and GET
-                number = keys.number_from_key(key)
+                    continue  # expired meanwhile
                 entry = unpack_entry(number, blob)
                 rows.append(f"{number},{entry.reason}" if entry.reason else number)
             batch.clear()
 
-        for key in self.scan(name):
-            batch.append(key)
+        for number in self.numbers(name):
+            batch.append(number)
             if len(batch) >= self.batch:
                 flush()
         flush()
@@ -223,33 +246,27 @@ class NumberDb:
         return len(rows)
 
     def clear(self, name: str, *, user: str | None = None) -> int:
-        """Remove every number of one list; one audit record."""
+        """Remove every number of one list, and its index; one audit record."""
+        check_number_list(name)
         removed = 0
-        batch: list[str] = []
-        for key in self.scan(name):
-            batch.append(key)
-            if len(batch) >= self.batch:
-                removed += self._unlink(batch)
-        removed += self._unlink(batch)
+        for idx in keys.number_index_keys(name):
+            members = [m.decode() if isinstance(m, bytes) else str(m)
+                       for m in self.client.zrange(idx, 0, -1)]
+            for start in range(0, len(members), self.batch):
+                pipe = self.client.pipeline(transaction=False)
+                for number in members[start:start + self.batch]:
+                    pipe.unlink(keys.number_key(number, name))
+                removed += sum(int(x) for x in pipe.execute())
+            self.client.delete(idx)
         self._audit(f"clear {name}", name, json.dumps({"removed": removed}),
                     user or audit.os_user())
         return removed
 
-    def _mget_each(self, batch: list[str]) -> list[Any]:
+    def _get_each(self, name: str, numbers: list[str]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
-        for key in batch:  # one GET per key: keys of different numbers are in different slots
-            pipe.get(key)
-        return list(pipe.execute())
-
-    def _unlink(self, batch: list[str]) -> int:
-        if not batch:
-            return 0
-        pipe = self.client.pipeline(transaction=False)
-        for key in batch:
-            pipe.unlink(key)
-        n = sum(int(x) for x in pipe.execute())
-        batch.clear()
-        return n
+        for number in numbers:  # one GET per key: keys of different numbers are in other slots
+            pipe.get(keys.number_key(number, name))
+        return [as_bytes(v) for v in pipe.execute()]
 
     def _audit(self, action: str, key: str, new: str, user: str, old: str = "") -> None:
         pipe = self.client.pipeline(transaction=True)

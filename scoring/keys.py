@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import zlib
 
 PREFIX = "spitwall"
 
@@ -48,9 +49,8 @@ NUMBER_LISTS = ("allow", "block", "dno")
 
 def number_key(number: str, name: str) -> str:
     """`spitwall:{num:+15550100}:block`: a normalised number on one list of the number
-    database (``*`` as the number gives the SCAN pattern of that list)."""
-    ident = number if number == "*" else entity_id(number)
-    return f"{PREFIX}:{{num:{ident}}}:{name}"
+    database."""
+    return f"{PREFIX}:{{num:{entity_id(number)}}}:{name}"
 
 
 def number_keys(number: str) -> list[str]:
@@ -59,9 +59,18 @@ def number_keys(number: str) -> list[str]:
     return [number_key(number, name) for name in NUMBER_LISTS]
 
 
-def number_from_key(key: str) -> str:
-    """The number a `number_key` names."""
-    return key.split("{num:", 1)[1].split("}", 1)[0]
+#: sorted sets per list that index the number database (member: number, score: expiry)
+NUMBER_INDEX_BUCKETS = 128
+
+
+def number_index_key(number: str, name: str) -> str:
+    """The index bucket of a number on one list: `spitwall:{numidx:block:17}`."""
+    bucket = zlib.crc32(number.encode("utf-8", "surrogateescape")) % NUMBER_INDEX_BUCKETS
+    return f"{PREFIX}:{{numidx:{name}:{bucket}}}"
+
+
+def number_index_keys(name: str) -> list[str]:
+    return [f"{PREFIX}:{{numidx:{name}:{b}}}" for b in range(NUMBER_INDEX_BUCKETS)]
 
 
 def decision_buckets() -> list[str]:

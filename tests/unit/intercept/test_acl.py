@@ -186,6 +186,8 @@ def test_ops_cli_works_as_ops_user(urls: dict[str, str], tmp_path: Path, admin: 
     trust = tmp_path / "trust"
     trust.mkdir()
     export = tmp_path / "lists.json"
+    feed = tmp_path / "feed.txt"
+    feed.write_text("+15550100001\n+15550100002,robocalls\n")
     ops_url = urls[acl.OPS]
     commands = [
         ["config", "show"], ["config", "set", "divert_threshold", "0.35"],
@@ -197,6 +199,10 @@ def test_ops_cli_works_as_ops_user(urls: dict[str, str], tmp_path: Path, admin: 
         ["report", "+15550002", "spam", "--ip", "192.0.2.8"], ["report", "+15550002", "show"],
         ["queue", "list"], ["queue", "mark", msg.id, "ham"],
         ["queue", "export", msg.id, str(tmp_path)], ["stir", "fetch"],
+        ["numbers", "import", "block", str(feed)], ["numbers", "add", "dno", "+18005550199"],
+        ["numbers", "check", "+15550100002"], ["numbers", "count"],
+        ["numbers", "export", "block", str(tmp_path / "numbers.txt")],
+        ["numbers", "remove", "dno", "+18005550199"], ["numbers", "clear", "block"],
     ]
     for argv in commands:
         capsys.readouterr()
@@ -243,8 +249,9 @@ def test_proxy_store_works_as_proxy_user(urls: dict[str, str], admin: redis.Redi
         cfg = store.fetch_config()
         lists = store.fetch_lists()
         att = attempt(call_id="c-proxy@x")
-        signals = store.observe(att, cfg)
+        signals = store.observe(att, cfg, numbers=("+15550100001",))  # number database too
         assert signals.available and lists.version == 0
+        assert store.lookup_numbers(("+15550100001",)) == ()
         dec = Decision(Action.DIVERT, 0.5, (Contribution("rate_ip", 0.5, 1.0, "x"),),
                        rule="score")
         store.record(att, dec, x5u_miss="https://cert.example/x.pem")
@@ -256,12 +263,13 @@ def test_proxy_store_works_as_proxy_user(urls: dict[str, str], admin: redis.Redi
         assert store.last_caller("15550100") is not None
         store.fetch_hash(names.TARGETS)
         store.defer([["XADD", names.EVENTS, "*", "v", "1", "id", "e9"]])
+        assert store.write([["XADD", names.EVENTS, "*", "v", "1", "id", "e10"]]) == []
         store.versions()
     finally:
         store.close()
     assert "deferred redis write failed" not in caplog.text
     assert store.errors == 0
-    assert admin.xlen(names.EVENTS) == 1
+    assert admin.xlen(names.EVENTS) == 2
     assert admin.hget(keys.STATS, "kemi_error:test") == b"1"
 
 

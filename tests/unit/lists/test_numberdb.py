@@ -273,3 +273,20 @@ def test_the_first_call_after_the_lookup_is_turned_on_is_looked_up(
     assert r.info("commandstats")["cmdstat_mget"]["calls"] == 2  # versions + number, one trip
     clean = service.score(attempt(call_id="clean", from_user="alice"), now=NOW)
     assert clean.rule == "score"
+
+
+def test_the_index_forgets_expired_numbers(db: NumberDb, r: redis.Redis) -> None:
+    """count/export read the per-list index, whose scores are the expiry: a number whose key
+    expired by its TTL is pruned from the index too."""
+    db.import_numbers("block", _lines("+15550100001", "+15550100002"), source="a", ttl=1)
+    db.add("block", "+15550100003")  # no TTL
+    assert db.count("block") == 3
+    idx = keys.number_index_key("+15550100001", "block")
+    assert r.zscore(idx, "+15550100001") is not None
+    time.sleep(1.3)
+    assert db.count("block") == 1
+    assert list(db.numbers("block")) == ["+15550100003"]
+    assert r.zscore(idx, "+15550100001") is None
+    db.remove("block", "+15550100003")
+    assert db.count("block") == 0
+    assert not [k for k in r.keys("spitwall:{numidx:*") if r.zcard(k)]
