@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import redis
 
-from ops import cli
 from scoring import keys
 from scoring.model import Action, Contribution, Decision
 from scoring.store import Store
@@ -22,37 +21,11 @@ Run = Callable[..., Result]
 
 
 @pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def raw(redis_url: str) -> Iterator[redis.Redis]:
     """A client without decoding: list records are msgpack."""
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str], redis_url: str,
-        monkeypatch: pytest.MonkeyPatch) -> Run:
-    """run(*argv) -> (exit code, stdout, stderr); `--redis URL` is appended unless given."""
-    monkeypatch.delenv("SPITWALL_REDIS", raising=False)
-
-    def _run(*argv: str, redis_arg: bool = True) -> Result:
-        args = [*argv, "--redis", redis_url] if redis_arg and "--redis" not in argv else [*argv]
-        capsys.readouterr()
-        try:
-            rc = cli.main(args)
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return _run
 
 
 def _state(r: redis.Redis) -> dict[str, Any]:

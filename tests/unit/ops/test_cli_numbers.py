@@ -3,42 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
-from ops import cli
 from scoring import keys
 from tests.redis_replies import str_entries
 
 Result = tuple[int, str, str]
 Run = Callable[..., Result]
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str], redis_url: str,
-        monkeypatch: pytest.MonkeyPatch) -> Run:
-    monkeypatch.delenv("SPITWALL_REDIS", raising=False)
-
-    def _run(*argv: str) -> Result:
-        capsys.readouterr()
-        try:
-            rc = cli.main([*argv, "--redis", redis_url])
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return _run
 
 
 def test_import_turns_the_lookup_on_then_check_count_export(
