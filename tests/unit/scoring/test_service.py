@@ -305,3 +305,49 @@ def test_monitor_mode_relays_records_what_it_would_have_done(service: ScoringSer
     again = service.score(attempt(call_id="mon-3", user_agent="friendly-scanner",
                                   from_user="mallory"), now=NOW)
     assert again.action is Action.REJECT and again.would is None
+
+
+# -- emergency calls (scoring/emergency.py) ---------------------------------------------
+def test_an_emergency_call_is_relayed_whatever_the_lists_say(service: ScoringService,
+                                                             r: redis.Redis) -> None:
+    """From a block-listed source with a scanner User-Agent: relayed, no scoring round trip,
+    recorded for explain, counted."""
+    service.score(attempt(call_id="warm-up"), now=NOW)
+    ListStore(r).add("block", "ip", "203.0.113.9", user="test")
+    service.score(attempt(call_id="sync"), now=NOW)  # the child sees the block
+    caller = {"source_ip": "203.0.113.9", "user_agent": "friendly-scanner"}
+    assert service.score(attempt(call_id="plain", **caller), now=NOW).action is Action.REJECT
+    r.config_resetstat()
+    d = service.score(attempt(call_id="sos-1", request_uri="sip:911@carrier.example",
+                          ruri_user="911", **caller), now=NOW)
+    assert d.action is Action.RELAY and d.rule == "emergency" and d.score == 0.0
+    assert "never screened" in d.contributions[0].reason
+    service.store.fetch_config()  # a round trip: the deferred record is written
+    stats = r.info("commandstats")
+    # no scoring round trip (3 observe EVALSHAs and an MGET): only the record's EVALSHA
+    assert stats["cmdstat_evalsha"]["calls"] == 1 and "cmdstat_mget" not in stats
+    rec = find_decision(r, "sos-1")
+    assert rec is not None and rec["rule"] == "emergency" and rec["action"] == "relay"
+    assert service.counters["emergency"] == 1
+    assert service.flush_counters()["emergency"] == 1
+
+
+def test_the_emergency_codes_are_live_config(service: ScoringService, r: redis.Redis) -> None:
+    sos = attempt(call_id="c1", request_uri="sip:999@carrier.example", ruri_user="999",
+                  user_agent="friendly-scanner")
+    assert service.score(sos, now=NOW).action is Action.REJECT  # 999 is not configured
+    config_admin.set_value(r, "emergency.numbers", "112,911,999", user="test")
+    service.score(attempt(call_id="sync"), now=NOW)
+    assert service.score(sos, now=NOW).rule == "emergency"
+    with pytest.raises(ValueError, match=r"emergency\.numbers: invalid value"):
+        config_admin.set_value(r, "emergency.numbers", "999,abc", user="test")
+    assert r.hget(keys.CONFIG, "emergency.numbers") == b"112,911,999"
+
+
+def test_the_kill_switch_relays_emergency_calls_without_touching_redis(
+    service: ScoringService, r: redis.Redis
+) -> None:
+    config_admin.set_value(r, "enabled", "false", user="test")
+    service.score(attempt(call_id="sync"), now=NOW)
+    d = service.score(attempt(call_id="sos-2", request_uri="urn:service:sos"), now=NOW + 0.1)
+    assert d.action is Action.RELAY and d.rule == "disabled"
