@@ -22,11 +22,13 @@ from tests.tls_certs import RedisTls
 
 
 def cluster_port() -> int:
-    """A free TCP port whose cluster bus port (port + 10000) is free too."""
+    """A free TCP port whose cluster bus port (port + 10000) is free too. Both lie below
+    Linux's ephemeral range (32768-60999), so no outgoing connection can take them between
+    this probe and redis-server's bind."""
     for _ in range(500):
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", random.randrange(20000, 55535)))
+                sock.bind(("127.0.0.1", random.randrange(20000, 22768)))
             except OSError:
                 continue
             port = int(sock.getsockname()[1])
@@ -37,6 +39,15 @@ def cluster_port() -> int:
                 continue
         return port
     raise RuntimeError("no free port pair for a cluster node")
+
+
+PORT_RACE_ATTEMPTS = 3
+
+
+class NodeDidNotStart(AssertionError):
+    def __init__(self, message: str, port_taken: bool) -> None:
+        super().__init__(message)
+        self.port_taken = port_taken
 
 
 @dataclass
@@ -69,9 +80,15 @@ class ClusterSet:
         if self.tls:
             self.certs = RedisTls.make(self.workdir / "pki")
         for _ in range(self.masters * (1 + self.replicas)):
-            port = cluster_port()
+            for attempt in range(1, PORT_RACE_ATTEMPTS + 1):
+                port = cluster_port()
+                try:
+                    self.start_node(port)
+                    break
+                except NodeDidNotStart as exc:  # a probed port taken before the bind: anew
+                    if attempt == PORT_RACE_ATTEMPTS or not exc.port_taken:
+                        raise
             self.ports.append(port)
-            self.start_node(port)
         cli_tls = (["--tls", "--cacert", str(self.certs.ca), "--cert",
                     str(self.certs.client.cert), "--key", str(self.certs.client.key)]
                    if self.certs else [])
@@ -91,8 +108,16 @@ class ClusterSet:
             argv = [*argv, "--port", "0", "--tls-port", str(port), *self.certs.server_args(),
                     "--tls-cluster", "yes"]
         argv += self.extra
-        self.pids[port] = start_process(argv, wd / "out.log", cwd=wd)
-        assert wait_until(lambda: self._ping(port), 10), f"{port} not up"
+        pid = start_process(argv, wd / "out.log", cwd=wd)
+        self.pids[port] = pid
+        if not wait_until(lambda: self._ping(port) or not pid_alive(pid), 10) \
+                or not pid_alive(pid):
+            stop_pid(pid, "redis-server")
+            del self.pids[port]
+            log = "".join(f.read_text(errors="replace") for f in (wd / "out.log", wd / "redis.log")
+                          if f.exists())
+            raise NodeDidNotStart(f"cluster node {port} not up: {log[-500:]}",
+                                  "Address already in use" in log)
 
     def _ping(self, port: int) -> bool:
         if not self.tls:

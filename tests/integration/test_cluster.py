@@ -156,3 +156,36 @@ def test_kamailio_scores_on_a_tls_cluster_through_its_define(tmp_path: Path,
             assert len(decided) == 3 and not any(d["degraded"] for d in decided), decided
     finally:
         cluster.stop()
+
+
+def test_a_node_that_loses_its_probed_port_starts_on_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test harness itself: a cluster node whose port was taken between the probe and
+    redis-server's bind is started again on a fresh port (the same race `lab up` handles)."""
+    import socket
+
+    from tests import redis_cluster
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", redis_cluster.cluster_port()))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real = redis_cluster.cluster_port
+    handed: list[int] = []
+
+    def probe() -> int:
+        if not handed:
+            handed.append(taken)
+            return int(taken)
+        return real()
+
+    monkeypatch.setattr(redis_cluster, "cluster_port", probe)
+    c = ClusterSet(tmp_path / "cluster", masters=3)
+    try:
+        c.start()
+        assert handed == [taken] and taken not in c.ports and len(c.ports) == 3
+        assert c.healthy()
+    finally:
+        c.stop()
+        squatter.close()
