@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from ops.lab import (
     DEFAULT_KAMAILIO_CFG,
@@ -111,6 +112,15 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     _flushall(redis_server.host, redis_server.port)
     return redis_server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the test's (flushed) Redis, replies as bytes. Modules that want decoded
+    replies define their own `r` (tests/unit/ops/conftest.py)."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import datetime as dt
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -41,13 +40,6 @@ def make_cert(kind: str = "rsa", *, days: float = 30, cn: str = "recorder.exampl
 @pytest.fixture(scope="module")
 def pem() -> bytes:
     return make_cert(days=3650)
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _target(pem: bytes, **kw: object) -> Target:

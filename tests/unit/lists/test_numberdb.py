@@ -28,13 +28,6 @@ BLOCKED_NUMBER = "+15550100666"
 
 
 @pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def db(r: redis.Redis) -> NumberDb:
     return NumberDb(r, batch=3)  # small batches: the tests cross batch boundaries
 

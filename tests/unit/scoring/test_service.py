@@ -22,13 +22,6 @@ NOW = 1_800_000_000.0
 
 
 @pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def service(redis_url: str) -> Iterator[ScoringService]:
     store = Store(redis_url, timeout=2.0)
     yield ScoringService(store)
