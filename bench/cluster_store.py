@@ -16,9 +16,7 @@ per INVITE (from /proc, all cluster masters summed); best and median round, and 
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -29,23 +27,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # for tests.redis_cluster (tests/ is not installed)
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.sidebyside import print_table, proc_cpu  # noqa: E402
 from ops.lab import start_redis_server  # noqa: E402
 from ops.procs import free_port, stop_pid  # noqa: E402
 from scoring.config import Config  # noqa: E402
 from scoring.model import Action, CallAttempt, Decision  # noqa: E402
 from scoring.store import Store  # noqa: E402
 from tests.redis_cluster import ClusterSet  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu(pids: Sequence[int]) -> float:
-    """User + system CPU seconds of these processes so far."""
-    total = 0.0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / TICK
-    return total
 
 
 def attempts(rng: random.Random, n: int) -> list[CallAttempt]:
@@ -109,18 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster.stop()
             stop_pid(single_pid, "redis-server")
     print(f"{args.rounds} rounds x {args.n} INVITEs per backend (observe + record), alternating")
-    print(f"{'backend':8} {'client CPU us':>22} {'wall us':>22} {'redis CPU us':>22}")
-    summary: dict[str, list[float]] = {}
-    for name, rows in results.items():
-        cols = []
-        for i in range(3):
-            vals = [r[i] for r in rows]
-            cols.append(f"{min(vals):9.1f} (med {statistics.median(vals):7.1f})")
-        summary[name] = [statistics.median(r[i] for r in rows) for i in range(3)]
-        print(f"{name:8} {cols[0]:>22} {cols[1]:>22} {cols[2]:>22}")
-    ratios = [c / s for c, s in zip(summary["cluster"], summary["single"], strict=True)]
-    print(f"cluster / single (medians): client CPU {ratios[0]:.2f}, wall {ratios[1]:.2f}, "
-          f"redis CPU {ratios[2]:.2f}")
+    print_table("backend", results, ("cluster", "single"))
     return 0
 
 

@@ -17,9 +17,7 @@ Redis' CPU per INVITE, best and median, and the ratios on/off.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
+from bench.sidebyside import print_table, proc_cpu  # noqa: E402
 from lists.numberdb import NumberDb, NumberLine  # noqa: E402
 from ops.lab import start_redis_server  # noqa: E402
 from ops.procs import free_port, stop_pid  # noqa: E402
@@ -39,13 +38,6 @@ from scoring import config_admin  # noqa: E402
 from scoring.model import CallAttempt  # noqa: E402
 from scoring.service import ScoringService  # noqa: E402
 from scoring.store import Store  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def number(rng: random.Random) -> str:
@@ -68,11 +60,11 @@ def attempts(rng: random.Random, n: int, listed: Sequence[str],
 def run_round(service: ScoringService, calls: Sequence[CallAttempt],
               redis_pid: int) -> tuple[float, float, float]:
     """(client CPU µs, wall µs, Redis CPU µs) per INVITE."""
-    s0, c0, w0 = proc_cpu(redis_pid), time.process_time(), time.perf_counter()
+    s0, c0, w0 = proc_cpu([redis_pid]), time.process_time(), time.perf_counter()
     for a in calls:
         service.score(a)
     service.store.versions()  # read the last deferred replies
-    w1, c1, s1 = time.perf_counter(), time.process_time(), proc_cpu(redis_pid)
+    w1, c1, s1 = time.perf_counter(), time.process_time(), proc_cpu([redis_pid])
     n = len(calls)
     return (c1 - c0) / n * 1e6, (w1 - w0) / n * 1e6, (s1 - s0) / n * 1e6
 
@@ -135,18 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop_pid(pid, "redis-server")
     print(f"{args.rounds} rounds x {args.n} INVITEs per mode (ScoringService.score: observe, "
           f"checks, record), alternating; {args.hit_share:.0%} of callers on the block list")
-    print(f"{'lookup':8} {'client CPU us':>22} {'wall us':>22} {'redis CPU us':>22}")
-    med: dict[str, list[float]] = {}
-    for mode, rows in results.items():
-        cols = []
-        for i in range(3):
-            vals = [r[i] for r in rows]
-            cols.append(f"{min(vals):9.1f} (med {statistics.median(vals):7.1f})")
-        med[mode] = [statistics.median(r[i] for r in rows) for i in range(3)]
-        print(f"{mode:8} {cols[0]:>22} {cols[1]:>22} {cols[2]:>22}")
-    ratios = [on / off for on, off in zip(med["on"], med["off"], strict=True)]
-    print(f"on / off (medians): client CPU {ratios[0]:.3f}, wall {ratios[1]:.3f}, "
-          f"redis CPU {ratios[2]:.3f}")
+    print_table("lookup", results, ("on", "off"), digits=3)
     return 0
 
 
