@@ -130,6 +130,8 @@ class Handler:
         self.ktap = KemiTap()
         #: the latest INVITE's action (relay/divert/reject), for `spitwall_invite`'s AVP
         self.last_action = "relay"
+        #: whether the current INVITE was already marked (intercept match, dialog tracking)
+        self._marked = False
 
     # -- lifecycle ---------------------------------------------------------------------
     def child_init(self, rank: int) -> int:
@@ -256,6 +258,12 @@ class Handler:
             log.warning("answering machine failed (%s) and the fallback relay failed", code)
             return False
         log.info("answering machine failed (%s): diverted call relayed to the callee", code)
+        # the callee may answer now: the call's end is evidence about the caller again
+        note = read_pv("$dlg_var(sw)", 340)
+        if note:
+            diverted, ip, caller = unpack_dialog_note(note)
+            if diverted and (ip or caller):
+                KSR.pv.sets("$dlg_var(sw)", pack_dialog_note(False, ip, caller))
         # counted at once: a timeout runs this in tm's timer process, which scores no calls
         # and so never flushes the counters a SIP worker flushes
         try:
@@ -494,11 +502,24 @@ class Handler:
         except Exception as exc:  # logged with traceback and counted
             self._barrier(exc, "scoring")
             return 1
+        self._marked = False
         try:
             rc = self._apply(decision, svc, attempt)
         except Exception as exc:  # logged with traceback and counted
             self._barrier(exc, "apply")
             return 1
+        if not self._marked:  # a diverted call was marked before its divert headers
+            self._mark_call(svc, decision, attempt, rc)
+        self.last_action = decision.action.value
+        return rc
+
+    def _mark_call(self, svc: ScoringService, decision: Decision, attempt: CallAttempt,
+                   rc: int) -> None:
+        """Intercept matching and dialog tracking of a call after its decision (`rc` as
+        `spitwall_invite` returns it). A diverted call is marked before `t_save_lumps`, so
+        that the answering-machine fallback's branch (`_media_fallback`) carries the dialog's
+        Record-Route parameter and its in-dialog requests and end are seen like any call's."""
+        self._marked = True
         try:
             self.ktap.on_invite(svc, attempt, rc, int(svc.config["reject_code"]))
         except Exception as exc:  # logged with traceback and counted; the call goes on
@@ -515,8 +536,6 @@ class Handler:
                 self._track_dialog(attempt,
                                    diverted=(rc == 2 or decision.rule == "emergency"))
             self.ktap.track(attempt)
-        self.last_action = decision.action.value
-        return rc
 
     def _apply(self, decision: Decision, svc: ScoringService, attempt: CallAttempt) -> int:
         if decision.action is Action.REJECT:
@@ -538,6 +557,9 @@ class Handler:
             ruri = KSR.pv.get("$ru")
             KSR.pv.sets("$avp(sw_orig_ru)", ruri if isinstance(ruri, str) and ruri else orig)
             KSR.pv.sets("$avp(sw_score)", f"{decision.score:.2f}")
+            # the dialog's Record-Route parameter and the recording indication go into the
+            # saved lumps: the fallback's branch to the callee must carry them
+            self._mark_call(svc, decision, attempt, 2)
             if KSR.tm.t_newtran() > 0:
                 KSR.tm.t_save_lumps()
             KSR.tm.t_set_fr(0, int(svc.config.get_float("media.timeout") * 1000))

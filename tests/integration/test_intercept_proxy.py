@@ -455,3 +455,41 @@ def test_malformed_crypto_on_a_target_call_never_breaks_the_call(
         unprovision(client, liid)
     assert [e for e, _ in events] == ["Origination", "Answer", "Release"]
     assert "not usable for keys" in log and "notbase64" not in log
+
+
+@pytest.mark.parametrize("rekey", [False, True])
+def test_target_call_relayed_by_the_answering_machine_fallback(
+        lab_factory: Any, tmp_path: Path, client: redis.Redis, recipient: Recipient,
+        rekey: bool) -> None:
+    """A target's call diverted to an answering machine that does not answer is relayed to
+    the callee by the fallback: its keys, answer, re-keying and release are all reported."""
+    caller = f"tgt{uuid.uuid4().hex[:8]}"
+    k1, k2, k3, k4 = new_key(), new_key(), new_key(), new_key()
+    uac_media, uas_media = sdes(k1, 1111), sdes(k2, 2222)
+    uac_media.attr3 = f"crypto:1 {SUITE} inline:{k3}"
+    uas_media.attr3 = f"crypto:1 {SUITE} inline:{k4}"
+    for key, value in (("divert_threshold", "0"), ("reject_threshold", "0.99"),
+                       ("media.timeout", "1")):
+        config_admin.set_value(client, key, value, user="test")
+    liid = provision(client, recipient, f"{caller}@127.0.0.2")
+    dead = free_udp_port("127.0.0.1")  # the "answering machine": nothing listens
+    try:
+        with srtp_uas(tmp_path / "uas", uas_media,
+                      "uas_srtp_rekey.xml" if rekey else "uas_srtp.xml") as srv:
+            lab: Lab = lab_factory(next_hop=f"sip:127.0.0.1:{srv.port}", children=2,
+                                   media_uri=f"sip:spitwall-am@127.0.0.1:{dead}")
+            srtp_call(lab, tmp_path / "uac", caller, "bob", uac_media,
+                      scenario="uac_srtp_rekey.xml" if rekey else "uac_srtp.xml")
+            events = events_of(client, recipient, liid)
+            assert len(srv.invites()) == (2 if rekey else 1)  # the call reached the callee
+    finally:
+        unprovision(client, liid)
+    expected = ["Origination", "Keys", "Answer", "Keys", "ReKey", "Release"] if rekey \
+        else ["Origination", "Keys", "Answer", "Release"]
+    assert [e for e, _ in events] == expected
+    keys = [b for e, b in events if e == "Keys"]
+    assert attr(keys[0], "crypto")[0].startswith(f"1 {SUITE} inline:{k1}")
+    assert attr(keys[0], "rcrypto")[0].startswith(f"1 {SUITE} inline:{k2}")
+    if rekey:
+        assert attr(keys[1], "crypto")[0].startswith(f"1 {SUITE} inline:{k3}")
+        assert attr(keys[1], "rcrypto")[0].startswith(f"1 {SUITE} inline:{k4}")

@@ -60,11 +60,16 @@ def test_dead_answering_machine_falls_back_to_the_callee(lab_factory: Any) -> No
             assert inv.headers("X-Spitwall-Score")
             assert not inv.headers("Diversion") and not inv.headers("X-Spitwall-Source")
             assert inv.first_line.startswith("INVITE sip:bob@"), inv.first_line
-        # counted in `spitwall stats` (each child flushes its counters every few seconds)
+        # counted in `spitwall stats` (each child flushes its counters every few seconds);
+        # the relayed calls' ends feed the caller's reputation like any relayed call's
         deadline = time.monotonic() + 20
-        while _stats(lab).get("media_fallback", 0) < 2 and time.monotonic() < deadline:
+        while (_stats(lab).get("media_fallback", 0) < 2
+               or _stats(lab).get("feedback:short_call", 0) < 2) \
+                and time.monotonic() < deadline:
             run_uac("127.0.0.1", lab.state.sip_port, "127.0.31.2", 1, 5, rows(1))
-        assert _stats(lab).get("media_fallback", 0) >= 2
+        stats = _stats(lab)
+        assert stats.get("media_fallback", 0) >= 2, stats
+        assert stats.get("feedback:short_call", 0) >= 2, stats
 
 
 def test_refusing_answering_machine_falls_back_to_the_callee(lab_factory: Any) -> None:
