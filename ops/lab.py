@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from ops import dialogdb
 from ops.procs import (
     ProcessMismatch,
     free_port,
@@ -50,6 +51,7 @@ from ops.procs import (
     sip_options_ping,
     start_process,
     stop_pid,
+    stop_pid_cleanly,
     wait_until,
 )
 
@@ -158,6 +160,9 @@ class LabState:
     sip_tls_key: str = ""
     sip_tls_ca: str = ""
     sip_tls_verify: bool = False
+    #: the dialog module's db_text directory: dialogs survive a Kamailio restart
+    #: (`ops.dialogdb`; '' = none)
+    dialog_db: str = ""
 
     @property
     def sip_uri(self) -> str:
@@ -628,6 +633,8 @@ class Lab:
             started_at=time.time(),
             sip_addr6=sip_addr6,
         )
+        if '"' not in str(self.workdir):  # a cfg string define cannot hold a quote
+            state.dialog_db = str((self.workdir / "dialogs").resolve())
         if sip_tls is not None:
             state.sip_tls_port = sip_tls.port or free_sip_port(sip_addr, sip_addr6, "tcp")
             state.sip_tls_cert, state.sip_tls_key = sip_tls.cert, sip_tls.key
@@ -754,6 +761,8 @@ class Lab:
             "-A", f"MEDIA_URI={state.media_uri}",
             "-A", f"DELIVER_URI={state.deliver_uri or 'none'}",
             "-A", f"CHILDREN={state.children}",
+            *(["-A", f'DIALOG_DB="{dialogdb.url(Path(state.dialog_db))}"']
+              if state.dialog_db else []),
             "-A", f"SPITWALL_ROOT={REPO_ROOT}",
             # kamailio.cfg loads the handler by path; a string define must carry its quotes.
             "-A", f'SPITWALL_HANDLER="{REPO_ROOT / "kemi" / "handler.py"}"',
@@ -770,6 +779,11 @@ class Lab:
         return out
 
     def _start_kamailio(self, state: LabState, timeout: float) -> None:
+        if state.dialog_db:
+            try:
+                dialogdb.prepare(Path(state.dialog_db))
+            except dialogdb.DialogDbError as exc:
+                raise LabError(str(exc)) from exc
         log_path = self.workdir / "kamailio.log"
         _rotate_log(log_path)
         (self.workdir / "run").mkdir(parents=True, exist_ok=True)
@@ -779,6 +793,11 @@ class Lab:
         self._record(state, "kamailio", pid, log_path, ["kamailio", str(self.workdir)])
         wait_until(lambda: not pid_alive(pid) or _kamailio_answers(state, 0.5), timeout, 0.1)
         if pid_alive(pid) and _kamailio_answers(state, 1.0):
+            if state.dialog_db:
+                try:
+                    dialogdb.started(Path(state.dialog_db))
+                except dialogdb.DialogDbError as exc:
+                    raise LabError(str(exc)) from exc
             return
         why = (
             f"did not answer OPTIONS with 200 within {timeout:.0f}s"
@@ -792,6 +811,17 @@ class Lab:
             f"kamailio on {state.sip_addr}:{state.sip_port} {why} (see {log_path})",
             _log_tail(log_path),
         )
+
+    @staticmethod
+    def _stop_kamailio(state: LabState) -> None:
+        """SIGTERM; when Kamailio ends on its own (it wrote its dialogs), mark the dialog
+        database clean, as the systemd drop-in's ExecStopPost does (`ops.dialogdb`)."""
+        clean = stop_pid_cleanly(state.pids["kamailio"], state.expect["kamailio"], STOP_TIMEOUT)
+        if clean and state.dialog_db:
+            try:
+                dialogdb.mark_clean(Path(state.dialog_db))
+            except dialogdb.DialogDbError as exc:  # the next start forgets the dialogs
+                log.warning("%s", exc)
 
     def _start_extra(self, state: LabState, service: ExtraService) -> None:
         log_path = self.workdir / f"{service.name}.log"
@@ -815,7 +845,10 @@ class Lab:
         for name in reversed(list(state.pids)):
             pid = state.pids[name]
             try:
-                stop_pid(pid, state.expect.get(name) or [name], STOP_TIMEOUT)
+                if name == "kamailio":
+                    self._stop_kamailio(state)
+                else:
+                    stop_pid(pid, state.expect.get(name) or [name], STOP_TIMEOUT)
             except ProcessMismatch as exc:
                 warnings.append(f"{name}: {exc}")
             except PermissionError as exc:
@@ -837,6 +870,22 @@ class Lab:
             self.state_path.unlink(missing_ok=True)
             self.state = None
             return state, warnings
+
+    def restart_kamailio(self, timeout: float = KAMAILIO_READY_TIMEOUT) -> LabState:
+        """Stop Kamailio cleanly (SIGTERM: it writes its dialogs to the dialog database) and
+        start it again with the same addresses, ports and settings, as an operator's
+        `systemctl restart kamailio` would. The other services keep running."""
+        with self._locked():
+            state = self.load()
+            if state is None or "kamailio" not in state.pids:
+                raise LabError(f"no lab with a Kamailio is up in {self.workdir}")
+            try:
+                self._stop_kamailio(state)
+            except ProcessMismatch as exc:
+                raise LabError(f"kamailio: {exc}") from exc
+            self._start_kamailio(state, timeout)
+            self.state = state
+            return state
 
     # -- status ---------------------------------------------------------------------------------
 

@@ -205,9 +205,22 @@ def stop_pid(pid: int, expect_cmd_substring: str | Sequence[str], timeout: float
     Returns True when the process was running and is now stopped, False when it was already gone.
     Raises ProcessMismatch (and signals nothing) when the pid now belongs to another program.
     """
+    return _stop(pid, expect_cmd_substring, timeout) != "gone"
+
+
+def stop_pid_cleanly(pid: int, expect_cmd_substring: str | Sequence[str],
+                     timeout: float = 10.0) -> bool:
+    """`stop_pid`, returning whether the process ended on its own after SIGTERM (its
+    shutdown code ran: Kamailio writes its dialogs then); False when it had to be killed or
+    was gone already."""
+    return _stop(pid, expect_cmd_substring, timeout) == "clean"
+
+
+def _stop(pid: int, expect_cmd_substring: str | Sequence[str], timeout: float) -> str:
+    """'gone', 'clean' (ended after SIGTERM) or 'killed'."""
     if not pid_alive(pid):
         _CHILDREN.pop(pid, None)
-        return False
+        return "gone"
     if not pid_matches(pid, expect_cmd_substring):
         raise ProcessMismatch(
             f"pid {pid} runs {' '.join(pid_cmdline(pid) or ['?'])!r}, "
@@ -215,10 +228,12 @@ def stop_pid(pid: int, expect_cmd_substring: str | Sequence[str], timeout: float
         )
     leads_group = _safe_getpgid(pid) == pid
     _signal_group_or_pid(pid, signal.SIGTERM)
+    outcome = "clean"
     if not wait_until(lambda: not pid_alive(pid), timeout, 0.05):
         log.warning("pid %d ignored SIGTERM for %.1fs; sending SIGKILL", pid, timeout)
         _signal_group_or_pid(pid, signal.SIGKILL)
         wait_until(lambda: not pid_alive(pid), 5.0, 0.05)
+        outcome = "killed"
     # The leader is gone; its workers normally exit with it. Whatever is left in the group is
     # still ours (the kernel does not reuse a pid while it names a live group): finish it.
     if leads_group and not wait_until(lambda: not _group_members(pid), min(timeout, 5.0), 0.05):
@@ -227,7 +242,7 @@ def stop_pid(pid: int, expect_cmd_substring: str | Sequence[str], timeout: float
         wait_until(lambda: not _group_members(pid), 5.0, 0.05)
     _reap(pid)
     _CHILDREN.pop(pid, None)
-    return True
+    return outcome
 
 
 def _safe_getpgid(pid: int) -> int | None:

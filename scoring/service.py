@@ -38,6 +38,8 @@ FLUSHED_COUNTERS = frozenset({
     "emergency",
 })
 FLUSHED_PREFIXES = ("check_error:",)
+#: seconds a process trusts its config without a look at Redis's versions (`fresh`)
+CONFIG_MAX_AGE = 1.0
 #: decisions that monitor mode still applies: explicit operator blocks, not scoring
 MONITOR_ENFORCES = frozenset({"blocklist"})
 
@@ -57,6 +59,8 @@ class ScoringService:
         self._last_flush = time.monotonic()
         #: values of `store.watch_keys` from the latest round trip (None: not read yet)
         self.watched: tuple[str | None, ...] | None = None
+        #: when the config and lists versions were last compared with Redis (monotonic)
+        self._checked_at = -CONFIG_MAX_AGE
 
     def score(self, attempt: CallAttempt, now: float | None = None) -> Decision:
         t = time.time() if now is None else now
@@ -208,6 +212,7 @@ class ScoringService:
 
     def call_ended(self, caller_key: str, ip: str, duration: float) -> str | None:
         """Feed an answered call's duration into reputation; returns the feedback kind."""
+        self.fresh()
         cfg = self.config
         if duration < cfg.get_float("reputation.short_call"):
             kind = "short_call"
@@ -252,7 +257,16 @@ class ScoringService:
                 self.counters["record_lost"] += 1
         return hit
 
+    def fresh(self) -> None:
+        """Make sure the config is the live one before work outside INVITEs (a dialog's end):
+        a process that handled no INVITE for `CONFIG_MAX_AGE` seconds -- just started, say,
+        or Kamailio's timer process -- looks at the versions first (one round trip); a busy
+        one learns them from every INVITE's reply and pays nothing."""
+        if time.monotonic() - self._checked_at >= CONFIG_MAX_AGE:
+            self.sync()
+
     def _refresh(self, signals: Signals) -> None:
+        self._checked_at = time.monotonic()
         if signals.config_version != self.config.version:
             try:
                 self.config = self.store.fetch_config()

@@ -178,7 +178,15 @@ def service_env(unit: Unit, runtime_dir: Path,
 def exec_argv(unit: Unit, env: Mapping[str, str]) -> list[str]:
     """ExecStart= as systemd turns it into argv: words (quotes as in the shell), then ``${VAR}``
     replaced within a word and a word that is exactly ``$VAR`` split at whitespace."""
-    line = one(unit, "Service", "ExecStart")
+    return _argv(one(unit, "Service", "ExecStart"), env)
+
+
+def exec_argvs(unit: Unit, key: str, env: Mapping[str, str]) -> list[list[str]]:
+    """Every command line of a list key (ExecStartPre=, ExecStartPost=, ExecStopPost=)."""
+    return [_argv(line, env) for line in unit["Service"].get(key, [])]
+
+
+def _argv(line: str, env: Mapping[str, str]) -> list[str]:
     assert line[0] not in "-@:+!", f"ExecStart prefixes are not modelled here: {line!r}"
     assert "%" not in line and "\\" not in line, f"specifiers/escapes not modelled: {line!r}"
     argv: list[str] = []
@@ -247,7 +255,7 @@ def deployment(tmp_path: Path, redis_url: str) -> Iterator[Deployment]:
          "--sysusersdir", str(tmp_path / "sysusers"), "--tmpfilesdir", str(tmp_path / "tmpfiles")],
         capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    for sub in ("media", "media/queue", "stir"):  # deploy/tmpfiles.d/spitwall.conf
+    for sub in ("media", "media/queue", "stir", "li-spool", "dialogs"):  # tmpfiles.d
         (d.statedir / sub).mkdir(parents=True)
     admin = redis.Redis.from_url(redis_url)
     acl.apply_users(admin, d.passwords, keep_other_passwords=True)
@@ -606,7 +614,17 @@ def test_kamailio_with_the_dropin_answers_and_scores_as_the_proxy_role(
     assert "REDIS_URL=" in argv and not any("redis://" in a or "rediss://" in a for a in argv)
     assert f'SPITWALL_HANDLER="{REPO}/kemi/handler.py"' in argv
     assert env["SPITWALL_REDIS"] == d.url("proxy")
+    dialogs = d.statedir / "dialogs"
+    assert f'DIALOG_DB="text://{dialogs}"' in argv
 
+    def run_hooks(key: str, extra: Mapping[str, str] | None = None) -> None:
+        for hook in exec_argvs(unit, key, env):
+            done = subprocess.run(hook, env={**env, **(extra or {})}, cwd="/",
+                                  capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 0, f"{key}={hook}: {done.stderr}"
+
+    run_hooks("ExecStartPre")  # the dialog database's tables
+    assert sorted(p.name for p in dialogs.iterdir()) == ["dialog", "dialog_vars", "version"]
     log = d.root / "kamailio.log"
     with log.open("ab") as out:
         # Type=forking: systemd waits for the first process to exit, then reads PIDFile=
@@ -624,6 +642,7 @@ def test_kamailio_with_the_dropin_answers_and_scores_as_the_proxy_role(
         assert rc == 0, f"kamailio exited {rc}; log:\n{_log_tail(log)}"
         pid = int((runtime / "kamailio.pid").read_text().strip())
         assert pid_alive(pid)
+        run_hooks("ExecStartPost")  # (a DIALOG_DB it cannot open fails Kamailio's start)
         # the creator exits only once the workers listen: OPTIONS is answered at once
         assert sip_options_ping("127.0.0.1", port, 2.0) == 200
         assert sip_options_ping("::1", port, 2.0, src_host="::1") == 200  # SIP_ADDR6
@@ -657,4 +676,7 @@ def test_kamailio_with_the_dropin_answers_and_scores_as_the_proxy_role(
             for worker in left:  # each verified by its command line
                 stop_pid(worker, ["kamailio", marker], 5.0)
         assert not left, f"kamailio processes left after stopping the main pid: {left}"
+    # systemd runs ExecStopPost= with SERVICE_RESULT=success after a clean stop
+    run_hooks("ExecStopPost", {"SERVICE_RESULT": "success"})
+    assert (dialogs / ".clean-stop").exists()
 

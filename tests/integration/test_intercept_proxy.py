@@ -96,8 +96,9 @@ def srtp_uas(workdir: Path, media: Media, scenario: str = "uas_srtp.xml",
 
 
 def srtp_call(lab: Lab, workdir: Path, caller: str, callee: str, media: Media,
-              src_ip: str = "127.0.0.2", scenario: str = "uac_srtp.xml") -> str:
-    """One call through the proxy; returns its Call-ID."""
+              src_ip: str = "127.0.0.2", scenario: str = "uac_srtp.xml",
+              hold_ms: int = 300) -> str:
+    """One call through the proxy, up for `hold_ms` after the ACK; returns its Call-ID."""
     st = lab.state
     assert st is not None
     workdir.mkdir(parents=True, exist_ok=True)
@@ -109,8 +110,10 @@ def srtp_call(lab: Lab, workdir: Path, caller: str, callee: str, media: Media,
            "-mp", str(free_udp_port(src_ip)), "-ci", ctrl, "-cp", str(free_udp_port(ctrl)),
            "-m", "1",
            "-nostdin", "-key", "caller", caller, "-cid_str", call_id, *media.args(),
-           "-d", "300", "-timeout", "20s", "-trace_msg", "-message_file", "uac_messages.log"]
-    out = subprocess.run(cmd, cwd=workdir, capture_output=True, timeout=40, check=False)
+           "-d", str(hold_ms), "-timeout", f"{20 + hold_ms // 1000}s",
+           "-trace_msg", "-message_file", "uac_messages.log"]
+    out = subprocess.run(cmd, cwd=workdir, capture_output=True, timeout=40 + hold_ms / 1000,
+                         check=False)
     assert out.returncode == 0, f"sipp uac failed ({out.returncode}): {out.stderr[-500:]!r}"
     return call_id
 

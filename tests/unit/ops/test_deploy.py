@@ -291,6 +291,9 @@ def test_sysusers_and_tmpfiles_create_the_users_and_state_dirs(
                        ("stir", "spitwall-stir")):
         st = (state / sub).stat()
         assert st.st_uid == uids[owner] and stat.S_IMODE(st.st_mode) == 0o750, sub
+    for sub in ("li-spool", "dialogs"):  # Kamailio's only
+        st = (state / sub).stat()
+        assert st.st_uid == uids["kamailio"] and stat.S_IMODE(st.st_mode) == 0o700, sub
 
 
 # --------------------------------------------------------------------------------------------

@@ -344,3 +344,19 @@ def test_the_kill_switch_relays_emergency_calls_without_touching_redis(
     service.score(attempt(call_id="sync"), now=NOW)
     d = service.score(attempt(call_id="sos-2", request_uri="urn:service:sos"), now=NOW + 0.1)
     assert d.action is Action.RELAY and d.rule == "disabled"
+
+
+def test_call_end_in_a_process_that_scored_nothing_uses_the_live_config(
+        service: ScoringService, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh Kamailio process (after a restart) or the timer process sees dialog ends
+    without INVITEs: the duration thresholds must be the operator's, not the defaults."""
+    config_admin.set_value(r, "reputation.long_call", "2", user="test")
+    assert service.call_ended("alice@example.com", "192.0.2.1", 7.0) == "long_call"
+    assert service.config.version == 1
+    # a config change is seen by an idle process once its look is older than CONFIG_MAX_AGE
+    config_admin.set_value(r, "reputation.long_call", "10", user="test")
+    assert service.call_ended("alice@example.com", "192.0.2.1", 7.0) == "long_call"  # < 1 s
+    clock = time.monotonic() + 5
+    monkeypatch.setattr(time, "monotonic", lambda: clock)
+    assert service.call_ended("alice@example.com", "192.0.2.1", 7.0) is None
+    assert service.config.version == 2

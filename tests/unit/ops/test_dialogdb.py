@@ -1,0 +1,105 @@
+"""ops.dialogdb: the dialog module's db_text directory, kept after a clean stop only."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from ops import dialogdb
+
+ROW = "1:1665:11589:call-1@example:sip\\:alice@example:tag1\n"
+
+
+def _rows(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines()[1:] if line.strip()]
+
+
+def test_prepare_makes_the_tables_from_kamailios_definitions(tmp_path: Path) -> None:
+    db = tmp_path / "dialogs"
+    done = dialogdb.prepare(db)
+    assert sorted(done) == ["dialog: created", "dialog_vars: created", "version: created"]
+    assert stat.S_IMODE(db.stat().st_mode) == 0o700
+    for name in ("version", "dialog", "dialog_vars"):
+        assert stat.S_IMODE((db / name).stat().st_mode) == 0o600
+    version = (db / "version").read_text().splitlines()
+    assert version[0] == (dialogdb.SCHEMA_DIR / "version").read_text().splitlines()[0]
+    assert sorted(line.split(":")[1] for line in version[1:]) == ["dialog", "dialog_vars"]
+    assert (db / "dialog").read_text() == (dialogdb.SCHEMA_DIR / "dialog").read_text()
+    assert dialogdb.url(db) == f"text://{db.resolve()}"
+
+
+def test_tables_of_a_clean_stop_are_kept_until_the_next_start(tmp_path: Path) -> None:
+    db = tmp_path / "dialogs"
+    dialogdb.prepare(db)
+    with (db / "dialog").open("a") as f:
+        f.write(ROW)  # what Kamailio wrote at its shutdown
+    dialogdb.mark_clean(db)
+    assert dialogdb.prepare(db) == []
+    assert _rows(db / "dialog") == [ROW.strip()]
+    # a start that fails leaves the marker: the next attempt still keeps the dialogs
+    assert dialogdb.prepare(db) == []
+    assert _rows(db / "dialog") == [ROW.strip()]
+    dialogdb.started(db)
+    assert not (db / dialogdb.CLEAN_MARKER).exists()
+
+
+def test_tables_left_by_a_crash_are_emptied(tmp_path: Path) -> None:
+    db = tmp_path / "dialogs"
+    dialogdb.prepare(db)
+    header = (db / "dialog").read_text().splitlines()[0]
+    with (db / "dialog").open("a") as f:
+        f.write(ROW)
+    with (db / "dialog_vars").open("a") as f:
+        f.write("1:1665:11589:sw:0|192.0.2.1|alice@example\n")
+    dialogdb.started(db)  # this run then dies without writing (no marker)
+    done = dialogdb.prepare(db)
+    assert sorted(d.split(":")[0] for d in done) == ["dialog", "dialog_vars"]
+    assert all("dropped 1 rows" in d for d in done)
+    assert _rows(db / "dialog") == [] and _rows(db / "dialog_vars") == []
+    assert (db / "dialog").read_text() == header + "\n"
+    assert stat.S_IMODE((db / "dialog").stat().st_mode) == 0o600
+
+
+def test_missing_definitions_are_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(dialogdb.DialogDbError, match="definitions are missing"):
+        dialogdb.prepare(tmp_path / "dialogs", schema_dir=tmp_path / "nowhere")
+    schema = tmp_path / "schema"
+    schema.mkdir()
+    for name in ("dialog", "dialog_vars"):
+        (schema / name).write_text("id(int,auto)\n")
+    (schema / "version").write_text("id(int,auto) table_name(string) table_version(int)\n"
+                                    "0:dialog:7\n")
+    with pytest.raises(dialogdb.DialogDbError, match="no version of"):
+        dialogdb.prepare(tmp_path / "dialogs", schema_dir=schema)
+
+
+def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(dialogdb.DialogDbError, match="cannot prepare"):
+        dialogdb.prepare(blocker / "dialogs")
+
+
+def test_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "dialogs"
+    assert dialogdb.main([str(db)]) == 0
+    assert "created" in capsys.readouterr().out
+    monkeypatch.setenv("SERVICE_RESULT", "signal")  # systemd: killed
+    assert dialogdb.main(["--stopped", str(db)]) == 0
+    assert "not clean" in capsys.readouterr().out
+    assert not (db / dialogdb.CLEAN_MARKER).exists()
+    monkeypatch.setenv("SERVICE_RESULT", "success")
+    assert dialogdb.main(["--stopped", str(db)]) == 0
+    assert (db / dialogdb.CLEAN_MARKER).exists()
+    assert dialogdb.main(["--started", str(db)]) == 0
+    assert not (db / dialogdb.CLEAN_MARKER).exists()
+    for bad in ([], ["--bogus", str(db)], [str(db), str(db)], ["--stopped"]):
+        assert dialogdb.main(bad) == 2
+    assert "usage" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert dialogdb.main([str(blocker / "dialogs")]) == 1
+    assert capsys.readouterr().err.startswith("error: cannot prepare")
