@@ -17,6 +17,8 @@ changes, and validity windows are checked in memory on every call.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 import time
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgpack
 from cryptography import x509
 
 from intercept import names
@@ -132,11 +135,35 @@ def decode_matches(text: str | None) -> list[Tapped]:
     return out
 
 
+def pack_targets(raw: Mapping[Any, bytes], version: int) -> str:
+    """The targets hash as one text value (msgpack, base64) for Kamailio's shared memory,
+    where the timer process leaves it for SIP workers that cannot reach Redis."""
+    data = {bytes(k if isinstance(k, bytes) else str(k).encode()): bytes(v)
+            for k, v in raw.items()}
+    return base64.b64encode(msgpack.packb([version, data], use_bin_type=True)).decode("ascii")
+
+
+def unpack_targets(text: str) -> tuple[int, dict[bytes, bytes]]:
+    """(version, targets hash) of `pack_targets`; ValueError when it is not one."""
+    try:
+        version, data = msgpack.unpackb(base64.b64decode(text.encode("ascii"), validate=True),
+                                        raw=True)
+    except (binascii.Error, ValueError, TypeError, UnicodeEncodeError,
+            msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise ValueError(f"shared targets: not a packed targets hash ({exc})") from exc
+    if not isinstance(version, int) or not isinstance(data, dict) or not all(
+            isinstance(k, bytes) and isinstance(v, bytes) for k, v in data.items()):
+        raise ValueError("shared targets: not a packed targets hash (wrong shape)")
+    return version, data
+
+
 class Tap:
     """Per-process target cache and event factory (one per Kamailio child)."""
 
     def __init__(self) -> None:
         self.snapshot = TargetSnapshot(version=-1)
+        #: the targets hash the snapshot was made of (`pack_targets`)
+        self.raw: dict[Any, bytes] = {}
         self._certs: dict[bytes, x509.Certificate] = {}  # parsed recipient certificates
         self.backlog: deque[Command] = deque(maxlen=BACKLOG_MAX)
         self.lost = 0  # events dropped because the backlog overflowed
@@ -163,6 +190,7 @@ class Tap:
         for err in errors:
             log.error("intercept: %s", err)
         self.snapshot = snapshot
+        self.raw = dict(raw)
 
     def refresh(self, version: str | None,
                 fetch: Callable[[], Mapping[Any, bytes]]) -> None:
@@ -355,15 +383,17 @@ class Tap:
         """Spooled events first (every process's, oldest first), then `commands`; whatever
         Redis refuses is appended to this process's spool file. After a refusal the spool is
         not read again for `SPOOL_RETRY` seconds: new events go behind it, in order."""
+        if now < self._spool_retry_at and spool.pending(now):
+            # waiting out a refusal is no refusal itself: it must not postpone the retry
+            spool.append(commands)
+            raise RedisUnavailable("intercept spool: waiting before the next replay")
         try:
             if spool.pending(now):
-                if now < self._spool_retry_at:
-                    raise RedisUnavailable("intercept spool: waiting before the next replay")
                 spool.replay(send)
             if commands:
                 send(commands)
         except (RedisUnavailable, ConnectionError, OSError):  # the caller counts it
-            self._spool_retry_at = max(self._spool_retry_at, now + SPOOL_RETRY)
+            self._spool_retry_at = now + SPOOL_RETRY
             spool.append(commands)
             raise
 

@@ -40,7 +40,7 @@ import KSR
 
 from intercept import names
 from intercept.notes import RECORDING, NoteReader
-from intercept.tap import Tap, Tapped, decode_matches, encode_matches
+from intercept.tap import Tap, Tapped, decode_matches, encode_matches, pack_targets, unpack_targets
 from scoring.model import CallAttempt
 from scoring.service import ScoringService
 from scoring.store import RedisUnavailable
@@ -49,6 +49,11 @@ MAX_NOTE = 65536  # characters of a noted message (shared memory is finite)
 REPLY_ROUTE = "ksr_tap_reply"
 QUEUE = "li"  # the mqueue of notes (kamailio.cfg)
 DRAIN_MAX = 2000  # notes per timer tick, so one tick never runs for long
+#: Kamailio shared variables where the timer process leaves the current targets (version, and
+#: `pack_targets` of the hash) for SIP workers that cannot reach Redis
+SHARED_VERSION = "$shv(sw_li_ver)"
+SHARED_TARGETS = "$shv(sw_li_tgt)"
+PUBLISH_EVERY = 1.0  # seconds between the timer process's looks at the targets' version
 
 
 def _get(name: str) -> str:
@@ -95,6 +100,8 @@ class KemiTap:
         self._niced = False
         #: the dialog marker `on_invite` decided on last, for `track` (None: no marker)
         self._code: str | None = None
+        self._publish_at = 0.0  # timer process: next look at the targets' version
+        self._published = -1  # timer process: the version in shared memory
 
     # -- state ---------------------------------------------------------------------------
     def sync(self, svc: ScoringService) -> None:
@@ -105,6 +112,46 @@ class KemiTap:
 
     def active(self) -> bool:
         return len(self.tap.snapshot) > 0
+
+    def publish(self, svc: ScoringService, now: float | None = None) -> bool:
+        """Timer process, once a second: bring the targets up to date (one round trip) and
+        leave them in Kamailio's shared memory when they changed, for the SIP workers that
+        cannot reach Redis (`from_shared`). Returns whether it published."""
+        t = time.monotonic() if now is None else now
+        if t < self._publish_at:
+            return False
+        self._publish_at = t + PUBLISH_EVERY
+        svc.sync()
+        if not svc.available:
+            return False
+        self.sync(svc)
+        version = self.tap.snapshot.version
+        if version == self._published or version < 0:
+            return False
+        # the hash first, then the version: a worker that sees the new version finds the
+        # new hash (one that reads between the two loads the new hash once more later)
+        KSR.pv.sets(SHARED_TARGETS, pack_targets(self.tap.raw, version))
+        KSR.pv.seti(SHARED_VERSION, version)
+        self._published = version
+        return True
+
+    def from_shared(self, svc: ScoringService) -> bool:
+        """A SIP worker whose INVITE round trip failed (Redis down): take the targets the
+        timer process left in shared memory if they are newer than this process's. A worker
+        that handled no INVITE since a target was provisioned would otherwise not know it
+        for the whole outage. Returns whether it loaded them."""
+        shared = KSR.pv.get(SHARED_VERSION)
+        if not isinstance(shared, int) or shared <= max(0, self.tap.snapshot.version):
+            return False  # nothing published yet (0), or nothing newer
+        try:
+            version, raw = unpack_targets(_get(SHARED_TARGETS))
+        except ValueError as exc:
+            svc.counters["li_shared_targets_bad"] += 1
+            KSR.err(f"spitwall: {exc}\n")
+            return False
+        self.tap.load(raw, str(version))
+        svc.counters["li_shared_targets_loaded"] += 1
+        return True
 
     def _note(self, svc: ScoringService, key: str, message: str) -> None:
         """Hand a note to the timer process; read it here if the queue is full."""
@@ -150,6 +197,7 @@ class KemiTap:
             except OSError as exc:
                 svc.counters["li_nice_failed"] += 1
                 KSR.warn(f"spitwall: could not lower the intercept timer's priority: {exc}\n")
+        self.publish(svc)
         n = 0
         if int(KSR.mqueue.mq_size(QUEUE)) <= 0:
             spool = self.tap.spool
@@ -180,7 +228,10 @@ class KemiTap:
         every relayed call gets the reply route and the transaction marker, a target's call
         only adds the note (one message read, one queue add); `track` then marks the dialog
         alike."""
-        self.sync(svc)
+        if svc.available:
+            self.sync(svc)
+        else:
+            self.from_shared(svc)
         now = time.time()
         matches = self.tap.match(attempt, now)
         self._code = None

@@ -59,6 +59,9 @@ class ScoringService:
         self._last_flush = time.monotonic()
         #: values of `store.watch_keys` from the latest round trip (None: not read yet)
         self.watched: tuple[str | None, ...] | None = None
+        #: whether the latest exchange with Redis (an INVITE's round trip, a version poll)
+        #: got through; False: `watched` and the config may be stale
+        self.available = True
         #: when the config and lists versions were last compared with Redis (monotonic)
         self._checked_at = -CONFIG_MAX_AGE
 
@@ -77,9 +80,11 @@ class ScoringService:
             signals = self.store.observe(attempt, self.config, t, numbers)
         except RedisUnavailable as exc:
             self.counters["redis_unavailable"] += 1
+            self.available = False
             log.debug("scoring without shared state: %s", exc)
             signals = Signals(available=False)
         else:
+            self.available = True
             self._refresh(signals)
             self.watched = signals.watched
             if self.config["numbers.lookup"] and not looked_up:
@@ -207,7 +212,9 @@ class ScoringService:
             cfg_v, lists_v, self.watched = self.store.versions()
         except RedisUnavailable:
             self.counters["redis_unavailable"] += 1
+            self.available = False
             return
+        self.available = True
         self._refresh(Signals(config_version=cfg_v, lists_version=lists_v))
 
     def call_ended(self, caller_key: str, ip: str, duration: float) -> str | None:

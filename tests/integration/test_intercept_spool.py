@@ -97,3 +97,43 @@ def test_events_of_a_call_during_an_outage_survive_a_kamailio_crash(
 
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def test_worker_that_never_saw_the_target_intercepts_during_an_outage(
+    lab_factory: Any, tmp_path: Path, redis_server: Any, redis_url: str,
+) -> None:
+    """A target provisioned while the SIP worker is idle, then Redis goes down: the worker
+    cannot learn the target from an INVITE's round trip; it takes the targets the timer
+    process left in Kamailio's shared memory, and the call's events are spooled and
+    delivered once Redis is back."""
+    recipient = make_recipient("li-recorder")
+    client = redis.Redis.from_url(redis_url)
+    caller = f"tgt{uuid.uuid4().hex[:8]}"
+    k_caller, k_callee = new_key(), new_key()
+    liid = ""
+    try:
+        with srtp_uas(tmp_path / "uas", sdes(k_callee, 2222)) as uas:
+            # one SIP worker, which handles no INVITE before the outage
+            lab: Lab = lab_factory(next_hop=f"sip:127.0.0.1:{uas.port}", children=1)
+            assert lab.state is not None
+            liid = provision(client, recipient, f"{caller}@127.0.0.2")
+            time.sleep(2.5)  # the timer process's look at the targets (once a second)
+
+            redis_server.stop()
+            call_id = srtp_call(lab, tmp_path / "uac", caller, "bob", sdes(k_caller, 1111))
+            spool = Path(lab.workdir) / "li-spool"
+            assert wait_until(lambda: _spooled(spool) > 0, 10), "nothing was spooled"
+            time.sleep(0.5)  # the Release of the BYE too
+            redis_server.start()
+            events = events_of(client, recipient, liid, timeout=15)
+    finally:
+        if not redis_server.running():
+            redis_server.start()
+        if liid:
+            unprovision(client, liid)
+        client.close()
+    assert [e for e, _ in events] == ["Origination", "Keys", "Answer", "Release"], events
+    keys_body = dict(events)["Keys"]
+    assert f"a=x-call-id:{call_id}" in keys_body
+    assert attr(keys_body, "crypto") == [f"1 {SUITE} inline:{k_caller} SSRC=1111"]
+    assert attr(keys_body, "rcrypto") == [f"1 {SUITE} inline:{k_callee} SSRC=2222"]

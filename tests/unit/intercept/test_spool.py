@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import multiprocessing
 import os
@@ -125,6 +126,26 @@ def test_tap_spools_what_redis_refuses_and_sends_it_first_when_back(tmp_path: Pa
     assert sink.ids() == ["e1", "e2", "e3"] and tap.spool.files() == []
     tap.flush([xadd(4)], sink, now=200.0)  # nothing spooled: straight through
     assert sink.ids()[-1] == "e4"
+
+
+def test_frequent_flushes_do_not_postpone_the_replay_forever(tmp_path: Path) -> None:
+    """The timer process flushes every 20 ms while the spool is pending: waiting out
+    SPOOL_RETRY must not itself count as a refusal that starts the wait again."""
+    tap = Tap()
+    tap.spool = Spool(tmp_path)
+    sink = Sink()
+    sink.down = True
+    with pytest.raises(RedisUnavailable):
+        tap.flush([xadd(1)], sink, now=100.0)
+    sink.down = False  # Redis is back at once
+    now = 100.0
+    while now < 100.0 + 3 * SPOOL_RETRY and not sink.got:
+        now += 0.02
+        with contextlib.suppress(RedisUnavailable):
+            tap.flush([], sink, now=now)
+    assert sink.ids() == ["e1"], "the spool was never replayed"
+    assert now <= 100.0 + SPOOL_RETRY + 0.05
+    assert tap.spool.files() == []
 
 
 def _writer(directory: str, frames: int) -> None:

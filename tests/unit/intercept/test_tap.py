@@ -19,6 +19,8 @@ from intercept.tap import (
     decode_matches,
     encode_matches,
     event_id,
+    pack_targets,
+    unpack_targets,
 )
 from intercept.targets import Target
 from scoring.model import CallAttempt
@@ -78,6 +80,31 @@ def test_stale_and_match() -> None:
                     from_domain="x", ruri_user="bob", ruri_domain="y")
     assert [m.target.liid for m in tap.match(a, 10.0)] == ["C1"]
     assert Tap().match(a, 10.0) == []
+
+
+def test_targets_packed_for_shared_memory_give_the_same_snapshot() -> None:
+    tap = tap_with(mk("C1"), mk("C2", "bob@example.org", mode="recording"))
+    text = pack_targets(tap.raw, 3)
+    assert text.isascii() and "\n" not in text
+    version, raw = unpack_targets(text)
+    assert version == 3 and raw == tap.raw
+    other = Tap()
+    other.load(raw, str(version))
+    assert other.snapshot.version == 3
+    assert sorted(t.liid for t in other.snapshot.targets) == ["C1", "C2"]
+    assert unpack_targets(pack_targets({}, 7)) == (7, {})
+
+
+@pytest.mark.parametrize("bad", [
+    "", "not base64!", base64.b64encode(b"\xc1").decode(),  # msgpack: never used byte
+    base64.b64encode(b"\x93\x01\x02\x03").decode(),  # a list of three
+    base64.b64encode(b"\x92\xa1x\x80").decode(),  # version not an int
+    base64.b64encode(b"\x92\x01\x81\x01\x02").decode(),  # int keys
+    "é",
+])
+def test_unpacking_anything_else_is_a_value_error(bad: str) -> None:
+    with pytest.raises(ValueError, match="shared targets"):
+        unpack_targets(bad)
 
 
 def test_call_events_are_encrypted_and_ids_deterministic() -> None:

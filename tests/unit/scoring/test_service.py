@@ -130,6 +130,25 @@ def test_dead_redis_fails_open() -> None:
     assert service.counters["redis_unavailable"] == 50
     assert service.counters["record_lost"] == 50
     assert store.errors == 1
+    assert service.available is False  # the intercept layer falls back to shared memory
+    service.sync()
+    assert service.available is False
+
+
+def test_available_follows_the_latest_exchange(redis_server: RedisServer,
+                                              redis_url: str) -> None:
+    service = ScoringService(Store(redis_url, timeout=0.5, retry_after=0.0))
+    service.score(attempt(), now=NOW)
+    assert service.available is True
+    redis_server.stop()
+    try:
+        service.score(attempt(), now=NOW)
+        assert service.available is False
+    finally:
+        redis_server.start()
+    service.sync()
+    assert service.available is True
+    service.store.close()
 
 
 def test_dead_redis_still_rejects_scanners_locally() -> None:
