@@ -15,6 +15,8 @@ Bulk changes cannot be one MULTI (a million keys), so an import validates the wh
 first (nothing is written when any line is bad), then writes in pipelined batches and records
 one audit entry (list, count, file name, SHA-256) after the last batch. An import interrupted
 by a Redis failure says how far it got; running it again is harmless (a SET is idempotent).
+`--replace` makes the list equal to the file (a registry's daily full feed): after writing, the
+numbers of the list that are not in the file are removed, read from the list's index.
 """
 
 from __future__ import annotations
@@ -143,23 +145,52 @@ class NumberDb:
 
     def import_numbers(self, name: str, items: list[NumberLine], *, source: str,
                        digest: str = "", ttl: float | None = None, reason: str = "",
-                       user: str | None = None) -> int:
-        """Write every number (already validated); one audit record at the end. A Redis
-        failure part-way raises `ImportInterrupted` saying how many were written."""
+                       user: str | None = None, replace: bool = False) -> tuple[int, int]:
+        """Write every number (already validated); with `replace`, then remove the list's
+        numbers that are not in `items` (the list becomes the file: a daily full feed). One
+        audit record at the end. Returns (written, removed). A Redis failure part-way raises
+        `ImportInterrupted` saying how far it got (running it again finishes the job)."""
         check_number_list(name)
         seconds = _check_ttl(ttl)
         _check_reason(reason, "--reason")
         by = user or audit.os_user()
-        done = 0
+        done = removed = 0
         try:
             for written in self._write(name, items, ttl=seconds, reason=reason, user=by):
                 done = written
             self._prune(name)
+            if replace:
+                keep = {item.number for item in items}
+                for count in self._remove_others(name, keep):
+                    removed = count
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise ImportInterrupted(done, len(items), exc) from exc
-        self._audit(f"import {name}", source, json.dumps(
-            {"numbers": len(items), "sha256": digest, "ttl": seconds, "reason": reason}), by)
-        return len(items)
+            raise ImportInterrupted(done, len(items), exc, removed=removed) from exc
+        record: dict[str, Any] = {"numbers": len(items), "sha256": digest, "ttl": seconds,
+                                  "reason": reason}
+        if replace:
+            record["removed"] = removed
+        self._audit(f"{'replace' if replace else 'import'} {name}", source, json.dumps(record),
+                    by)
+        return len(items), removed
+
+    def _remove_others(self, name: str, keep: set[str]) -> Iterator[int]:
+        """Remove the list's numbers that are not in `keep`, bucket by bucket from the index
+        (written first, so a number is never missing while it is on both); yields the
+        running count of removed numbers."""
+        removed = 0
+        for idx in keys.number_index_keys(name):
+            members = [m.decode() if isinstance(m, bytes) else str(m)
+                       for m in self.client.zrange(idx, 0, -1)]
+            gone = [m for m in members if m not in keep]
+            for start in range(0, len(gone), self.batch):
+                chunk = gone[start:start + self.batch]
+                pipe = self.client.pipeline(transaction=False)
+                for number in chunk:
+                    pipe.unlink(keys.number_key(number, name))
+                pipe.zrem(idx, *chunk)
+                pipe.execute()
+                removed += len(chunk)
+            yield removed
 
     def add(self, name: str, number: str, *, ttl: float | None = None, reason: str = "",
             user: str | None = None) -> ListEntry:
@@ -277,11 +308,13 @@ class NumberDb:
 class ImportInterrupted(Exception):
     """Redis failed part-way through an import; the numbers before `done` were written."""
 
-    def __init__(self, done: int, total: int, cause: BaseException) -> None:
-        super().__init__(f"import interrupted after {done} of {total} numbers ({cause}); "
+    def __init__(self, done: int, total: int, cause: BaseException, removed: int = 0) -> None:
+        gone = f", {removed} others removed" if removed else ""
+        super().__init__(f"import interrupted after {done} of {total} numbers{gone} ({cause}); "
                          "running it again is safe")
         self.done = done
         self.total = total
+        self.removed = removed
 
 
 def _describe(number: str, blob: bytes | None) -> str:

@@ -220,13 +220,19 @@ def cmd_numbers_import(args: argparse.Namespace) -> int:
     items, digest = read_file(Path(args.file))  # all lines validated before anything is written
     c = client(args)
     try:
-        n = NumberDb(c).import_numbers(args.list, items, source=Path(args.file).name,
-                                       digest=digest, ttl=args.ttl, reason=args.reason or "")
+        n, removed = NumberDb(c).import_numbers(
+            args.list, items, source=Path(args.file).name, digest=digest, ttl=args.ttl,
+            reason=args.reason or "", replace=args.replace)
     except ImportInterrupted as exc:
         raise CliError(str(exc)) from None
     on = _lookup_on(c)
-    emit(args, {"imported": n, "list": args.list, "sha256": digest, "lookup_turned_on": on},
-         lambda: f"imported {n} numbers into the {args.list} number list{_lookup_note(on)}")
+    data: dict[str, Any] = {"imported": n, "list": args.list, "sha256": digest,
+                            "lookup_turned_on": on}
+    if args.replace:
+        data["removed"] = removed
+    gone = f", removed {removed} not in the file" if args.replace else ""
+    emit(args, data, lambda: f"imported {n} numbers into the {args.list} number list{gone}"
+                             f"{_lookup_note(on)}")
     return 0
 
 
@@ -877,6 +883,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--ttl", type=_positive, metavar="SECONDS")
     p.add_argument("--reason", metavar="TEXT", help="for lines without their own reason")
+    p.add_argument("--replace", action="store_true",
+                   help="then remove the list's numbers that are not in the file (the list "
+                        "becomes the file: a full feed)")
     p.set_defaults(func=cmd_numbers_import)
     p = nsub.add_parser("add", parents=[common], help="add one number")
     p.add_argument("list", choices=number_lists)

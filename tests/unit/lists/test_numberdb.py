@@ -14,12 +14,13 @@ import redis
 from redis.crc import key_slot
 
 from lists.model import ListEntry
-from lists.numberdb import NumberDb, NumberLine, parse_lines, read_file
+from lists.numberdb import ImportInterrupted, NumberDb, NumberLine, parse_lines, read_file
 from scoring import config_admin, keys, redisconn
 from scoring.checks.callerid import lookup_numbers
 from scoring.model import Action
 from scoring.service import ScoringService
 from scoring.store import Store
+from tests.conftest import RedisServer
 from tests.redis_replies import bytes_entries
 from tests.unit.scoring.support import attempt
 
@@ -89,7 +90,7 @@ def test_import_writes_every_number_with_one_audit_record(db: NumberDb, r: redis
     items = _lines(*(f"+1555010{i:04d},feed" for i in range(10)))
     n = db.import_numbers("block", items, source="feed.txt", digest="ab" * 32, ttl=3600,
                           user="ops")
-    assert n == 10 and db.count("block") == 10 and db.count("allow") == 0
+    assert n == (10, 0) and db.count("block") == 10 and db.count("allow") == 0
     ttl = r.ttl(keys.number_key("+15550100007", "block"))
     assert 3500 < ttl <= 3600
     found = db.check("+1 555 010 0007")
@@ -143,6 +144,51 @@ def test_export_writes_the_import_format_and_clear_empties_one_list(
     assert db.clear("block", user="ops") == 3
     assert db.count("block") == 0 and db.count("dno") == 1
     assert _audit(r)[-1]["action"] == "clear block"
+
+
+def test_replace_makes_the_list_equal_to_the_file(db: NumberDb, r: redis.Redis) -> None:
+    """A registry's daily full feed: yesterday's numbers that are gone from today's file
+    are removed; other lists are untouched; one audit record says how many went."""
+    yesterday = [f"+1555030{i:04d}" for i in range(20)]
+    db.import_numbers("dno", _lines(*yesterday), source="dno-1.txt")
+    db.add("block", "+15550300005")  # the same number on another list stays there
+    today = [*yesterday[5:], "+15550309998", "+15550309999"]
+    assert db.import_numbers("dno", _lines(*today), source="dno-2.txt", replace=True,
+                             user="ops") == (17, 5)
+    assert sorted(db.numbers("dno")) == sorted(today)
+    for gone in yesterday[:5]:
+        assert r.get(keys.number_key(gone, "dno")) is None
+        assert "dno" not in db.check(gone)
+    assert "block" in db.check("+15550300005")
+    rec = _audit(r)[-1]
+    assert rec["action"] == "replace dno" and rec["key"] == "dno-2.txt"
+    assert json.loads(rec["new"])["removed"] == 5
+    # an empty feed empties the list
+    assert db.import_numbers("dno", [], source="empty", replace=True) == (0, 17)
+    assert db.count("dno") == 0 and db.count("block") == 1
+
+
+def test_replace_interrupted_says_how_far_it_got_and_a_rerun_finishes(
+        redis_server: RedisServer, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    db = NumberDb(client, batch=2)
+    db.import_numbers("block", _lines(*(f"+1555040{i:04d}" for i in range(6))), source="a")
+    real = db._remove_others
+
+    def dies_after_one_bucket(name: str, keep: set[str]) -> Iterator[int]:
+        for n in real(name, keep):
+            yield n
+            if n:
+                redis_server.stop()
+
+    db._remove_others = dies_after_one_bucket  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ImportInterrupted, match="others removed") as info:
+            db.import_numbers("block", _lines("+15550400000"), source="b", replace=True)
+        assert info.value.done == 1 and info.value.removed >= 1
+    finally:
+        redis_server.start()
+    client.close()
 
 
 # -- request path ----------------------------------------------------------------------------
@@ -231,7 +277,7 @@ def test_on_a_cluster_import_count_export_and_lookup(redis_cluster_url: str,
         client.flushall()
         db = NumberDb(client, batch=7)
         numbers = [f"+1555020{i:04d}" for i in range(40)]
-        assert db.import_numbers("block", _lines(*numbers), source="feed") == 40
+        assert db.import_numbers("block", _lines(*numbers), source="feed") == (40, 0)
         slots = {key_slot(keys.number_key(n, "block").encode()) for n in numbers}
         assert len(slots) == 40  # one hash tag per number: spread over the cluster
         assert db.count("block") == 40

@@ -41,6 +41,27 @@ def test_import_turns_the_lookup_on_then_check_count_export(
     assert actions == ["import dno", "set", "import dno"]
 
 
+def test_import_replace_removes_what_the_feed_no_longer_has(
+    run: Run, r: redis.Redis, tmp_path: Path
+) -> None:
+    feed = tmp_path / "dno.txt"
+    feed.write_text("+18005550100\n+18005550101\n+18005550102\n")
+    assert run("numbers", "import", "dno", str(feed))[0] == 0
+    feed.write_text("+18005550101\n+18005550103\n")
+    rc, out, err = run("numbers", "import", "dno", str(feed), "--replace")
+    assert (rc, err) == (0, "")
+    assert out == "imported 2 numbers into the dno number list, removed 2 not in the file\n"
+    rc, out, _ = run("numbers", "import", "dno", str(feed), "--replace", "--json")
+    assert json.loads(out)["removed"] == 0
+    run("numbers", "export", "dno", str(tmp_path / "out.txt"))
+    assert (tmp_path / "out.txt").read_text() == "+18005550101\n+18005550103\n"
+    # a bad line in the feed: nothing is written, nothing removed
+    feed.write_text("+18005550101\nnot a number\n")
+    rc, _out, err = run("numbers", "import", "dno", str(feed), "--replace")
+    assert rc != 0 and "dno.txt:2" in err
+    assert json.loads(run("numbers", "count", "--json")[1])["dno"] == 2
+
+
 def test_add_remove_clear(run: Run, r: redis.Redis) -> None:
     rc, out, _ = run("numbers", "add", "block", "+15550100666", "--ttl", "60")
     assert rc == 0 and out.startswith("added +15550100666 to the block number list until ")
