@@ -53,6 +53,7 @@ from intercept import names as li_names  # noqa: E402
 from intercept.spool import Spool  # noqa: E402
 from kemi.attempt import build_attempt, clean, read_pv  # noqa: E402
 from kemi.tap import KemiTap  # noqa: E402
+from scoring import label  # noqa: E402
 from scoring.checks import ring_hijack  # noqa: E402
 from scoring.checks.base import Context  # noqa: E402
 from scoring.model import (  # noqa: E402
@@ -436,18 +437,20 @@ class Handler:
         return True  # drop: say nothing
 
     def _strip_ring_control(self, svc: ScoringService, attempt: CallAttempt) -> None:
-        """Ring hijack: untrusted callers must not pick the ring tone or auto-answer."""
+        """Ring hijack: untrusted callers must not pick the ring tone or auto-answer, nor
+        label their own call (a forged `scoring.label` Call-Info)."""
         if not svc.config["ring_hijack.strip"]:
             return
         alert, control = ring_hijack.findings(attempt)
-        if not (alert or control):
+        forged = bool(attempt.call_info) and label.forged(attempt.call_info)
+        if not (alert or control or forged):
             return
         ctx = Context(attempt, Signals(), svc.config, svc.lists)
         if ring_hijack.is_trusted(ctx):
             return
         if alert:
             KSR.hdr.remove("Alert-Info")
-        if attempt.call_info and ring_hijack.hostile_call_info(attempt.call_info):
+        if forged or (attempt.call_info and ring_hijack.hostile_call_info(attempt.call_info)):
             KSR.hdr.remove("Call-Info")
         svc.counters["ring_control_stripped"] += 1
 
@@ -577,6 +580,8 @@ class Handler:
         header = str(svc.config["score_header"])
         if header and decision.rule not in ("disabled", "allowlist", "emergency"):
             KSR.hdr.append(f"{header}: {decision.score:.2f}\r\n")
+        if decision.label:  # "spam likely", for the callee's phone (scoring.label)
+            KSR.hdr.append(f"Call-Info: {decision.label}\r\n")
         return 1
 
 

@@ -322,6 +322,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                  + (", degraded: Redis unavailable" if d["degraded"] else "") + ")",
                  *([f"monitor   would have been {d['would'].upper()}; relayed (mode=monitor)"]
                    if d.get("would") else []),
+                 *([f"label     Call-Info: {d['label']}"] if d.get("label") else []),
                  "",
                  f"{'check':18} {'score':>6} {'weight':>7} {'contrib':>8}  reason"]
         for c in checks:

@@ -173,6 +173,9 @@ EXACT["ring_control_stripped"] = ("spitwall_ring_control_stripped",
 EXACT["emergency"] = ("spitwall_emergency_calls",
                       "Emergency calls (emergency.numbers, urn:service:sos) relayed unscored "
                       "(also in spitwall_decisions_total as relay).", None, "")
+EXACT["labelled"] = ("spitwall_labelled_calls",
+                     "Relayed calls that went on with a spam label (Call-Info, "
+                     "label.threshold; also in spitwall_decisions_total as relay).", None, "")
 EXACT["media_fallback"] = ("spitwall_divert_fallback",
                            "Diverted calls relayed to the callee because the answering machine "
                            "did not take them (media.fallback=relay).", None, "")

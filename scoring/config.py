@@ -163,6 +163,27 @@ def _http_url(text: str) -> str:
     return t
 
 
+def _label_url(text: str) -> str:
+    t = text.strip()
+    if t == "data:,":
+        return t
+    if not t or not re.fullmatch(r"https?://[^\s<>\"]{1,500}", t):
+        raise ValueError("expected an http(s) URL without spaces, quotes or <>, or data:,")
+    return t
+
+
+def _label_params(text: str) -> str:
+    t = text.strip().strip(";")
+    token = r"[A-Za-z0-9.!%*_+`'~-]+"
+    if not re.fullmatch(rf"{token}(={token})?(;{token}(={token})?)*", t) or len(t) > 200:
+        raise ValueError("expected header parameters like purpose=info;type=spam")
+    if "purpose=" not in t.lower():
+        raise ValueError("a Call-Info label needs a purpose parameter (purpose=info)")
+    if "confidence=" in t.lower():
+        raise ValueError("confidence is added from the call's score; leave it out")
+    return t
+
+
 def _emergency_numbers(text: str) -> str:
     return ",".join(sorted(parse_numbers(text)))
 
@@ -197,6 +218,15 @@ def _params() -> dict[str, Param]:
         Param("scanner.non_invite", "choice", "drop",
               "what to do with non-INVITE requests from scanner User-Agents",
               choices=("drop", "reject", "ignore")),
+        Param("label.threshold", "float", 1.0,
+              "relayed calls scoring at least this get a Call-Info label (spam likely, with "
+              "the score as confidence); 1.0 labels none", 0.0, 1.0),
+        Param("label.info_url", "str", "data:,",
+              "URI of the label's Call-Info (a page about the label; data:, for none)",
+              validator=_label_url),
+        Param("label.params", "str", "purpose=info;type=spam",
+              "the label's Call-Info parameters before ;confidence=N "
+              "(draft-ietf-sipcore-callinfo-spam)", validator=_label_params),
         Param("reject.call_info_url", "str", "",
               "608 only: URL of the operator's jCard for the Call-Info header (RFC 8688)",
               validator=_http_url),

@@ -136,6 +136,9 @@ class Decision:
     #: monitor mode (`mode=monitor`): what scoring decided and was not applied (the call
     #: was relayed); None when the decision was applied
     would: Action | None = None
+    #: a relayed call's label, the Call-Info value it goes on with (`scoring.label`); ''
+    #: when not labelled
+    label: str = ""
 
     def reasons(self) -> list[str]:
         return [f"{c.name}: {c.reason}" for c in self.contributions if c.reason]

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 
 from lists.matcher import ListHit, ListSnapshot
-from scoring import emergency, passtoken
+from scoring import emergency, label, passtoken
 from scoring.checks.base import Context
 from scoring.checks.callerid import lookup_numbers
 from scoring.config import Config, parse_hosts
@@ -96,6 +96,9 @@ class ScoringService:
                 and self.config["mode"] == "monitor"):
             decision = dataclasses.replace(decision, action=Action.RELAY, would=decision.action)
             self.counters[f"monitor:{decision.would}"] += 1
+        tag = label.header(decision, self.config)
+        if tag is not None:
+            decision = dataclasses.replace(decision, label=tag)
         self.counters[f"action:{decision.action.value}"] += 1
         x5u = self._x5u_miss(attempt, decision)
         try:

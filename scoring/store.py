@@ -294,6 +294,8 @@ class Store:
         ]
         if decision.would is not None:  # monitor mode: what would have been done
             commands.append(["HINCRBY", keys.STATS, f"monitor:{decision.would.value}", "1"])
+        if decision.label:
+            commands.append(["HINCRBY", keys.STATS, "labelled", "1"])
         if decision.rule == "score" and decision.action is not Action.RELAY:
             kind = decision.action.value  # reject | divert
             commands.append(update_command(caller_rep_key(attempt.caller_key), kind, t, half_life))
@@ -461,6 +463,7 @@ def pack_decision(attempt: CallAttempt, decision: Decision, now: float) -> bytes
         "rule": decision.rule,
         "degraded": decision.degraded,
         **({"would": decision.would.value} if decision.would is not None else {}),
+        **({"label": decision.label[:300]} if decision.label else {}),
         "checks": [[c.name, round(c.score, 4), c.weight, c.reason]
                    for c in decision.contributions],
         "call": {"src": f"{attempt.source_ip}:{attempt.source_port}/{attempt.transport}",

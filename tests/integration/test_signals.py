@@ -138,6 +138,32 @@ def test_alert_info_from_untrusted_caller_never_reaches_next_hop(lab_factory: An
         assert kept and kept[0].has_header("Alert-Info")
 
 
+def test_suspicious_relayed_call_is_labelled_and_a_forged_label_removed(
+        lab_factory: Any) -> None:
+    """label.threshold: a relayed call goes on with our Call-Info label (confidence = score
+    in percent); the label the caller wrote itself never reaches the next hop."""
+    with rig(lab_factory) as r:
+        for k, v in (("reject_threshold", "0.95"), ("divert_threshold", "0.9"),
+                     ("label.threshold", "0"), ("label.info_url", "https://operator.example/s")):
+            assert spitwall("config", "set", k, v, redis_url=r.redis_url).returncode == 0
+        forged = b"Call-Info: <https://evil.example/>;purpose=info;type=not-spam;confidence=0\r\n"
+        port = free_udp_port("127.0.16.1")
+        send_all(r.port, [invite(41, r.port, port, extra=forged, src_ip="127.0.16.1")], port,
+                 src_ip="127.0.16.1")
+        got = r.next_hop.wait_for_invites(1)
+        assert got, "the call was not relayed"
+        labels = got[0].headers("Call-Info")
+        score = float(got[0].header("X-Spitwall-Score") or "nan")
+        assert labels == [f"<https://operator.example/s>;purpose=info;type=spam;"
+                          f"confidence={round(score * 100)}"], labels
+        d = _decision(r.redis_url, "bad-41@127.0.16.1")
+        assert d["action"] == "relay" and d["label"] == labels[0]
+        shown = spitwall("explain", "bad-41@127.0.16.1", redis_url=r.redis_url).stdout
+        assert f"label     Call-Info: {labels[0]}" in shown
+        stats = json.loads(spitwall("stats", "--json", redis_url=r.redis_url).stdout)
+        assert stats.get("labelled") == 1, stats
+
+
 def test_608_with_operator_call_info(lab_factory: Any) -> None:
     with rig(lab_factory) as r:
         for k, v in (("reject_code", "608"),

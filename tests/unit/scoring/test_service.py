@@ -379,3 +379,19 @@ def test_call_end_in_a_process_that_scored_nothing_uses_the_live_config(
     monkeypatch.setattr(time, "monotonic", lambda: clock)
     assert service.call_ended("alice@example.com", "192.0.2.1", 7.0) is None
     assert service.config.version == 2
+
+
+def test_labelled_relay_is_recorded_and_counted(service: ScoringService,
+                                                r: redis.Redis) -> None:
+    config_admin.set_value(r, "label.threshold", "0", user="test")
+    service.sync()  # the service sees the new config
+    d = service.score(attempt(call_id="lab-1"), now=NOW)
+    assert d.action is Action.RELAY
+    assert d.label.startswith("<data:,>;purpose=info;type=spam;confidence=")
+    service.store.fetch_config()  # the deferred writes are done
+    rec = find_decision(r, "lab-1")
+    assert rec is not None and rec["label"] == d.label
+    assert r.hget(keys.STATS, "labelled") == b"1"
+    config_admin.set_value(r, "label.threshold", "1", user="test")
+    service.sync()
+    assert service.score(attempt(call_id="lab-2"), now=NOW).label == ""
