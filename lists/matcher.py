@@ -137,7 +137,7 @@ SEED_SCANNERS: tuple[str, ...] = _load_seed()
 class ListSnapshot:
     """The allow, block and scanner lists of one lists version, ready to match."""
 
-    __slots__ = ("allow", "block", "dno", "scanner", "trusted", "version")
+    __slots__ = ("allow", "block", "dno", "optout", "scanner", "trusted", "version")
 
     def __init__(self, entries: dict[str, list[ListEntry]], version: int = 0) -> None:
         self.version = version
@@ -147,6 +147,8 @@ class ListSnapshot:
         self.dno = ListMatcher(entries.get("dno", ()))
         # peers trusted to send Alert-Info / ring-tone Call-Info (ring hijack check)
         self.trusted = ListMatcher(entries.get("trusted", ()))
+        # callees who opted out of screening: their calls are relayed (explicit blocks apply)
+        self.optout = ListMatcher(entries.get("optout", ()))
         seed = [ListEntry("ua", p, "shipped scanner seed list") for p in SEED_SCANNERS]
         self.scanner = ListMatcher(seed + [e for e in entries.get("scanner", ()) if e.kind == "ua"])
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-LIST_NAMES = ("allow", "block", "scanner", "dno", "trusted")
+LIST_NAMES = ("allow", "block", "scanner", "dno", "trusted", "optout")
 KINDS = ("ip", "cidr", "uri", "domain", "number", "ua", "country")
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?\.)*"

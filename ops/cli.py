@@ -303,6 +303,17 @@ def cmd_numbers_clear(args: argparse.Namespace) -> int:
 
 
 # -- explain -----------------------------------------------------------------------------
+def _waived_line(d: dict[str, Any]) -> str:
+    """Why a decision was not applied: monitor mode (records before opt-out existed say
+    nothing more) or the callee's opt-out."""
+    waived = str(d.get("waived") or "monitor")
+    would = str(d["would"]).upper()
+    if waived.startswith("optout"):
+        entry = waived.partition(":")[2].strip()
+        return f"opt-out   would have been {would}; relayed (callee opted out: {entry})"
+    return f"monitor   would have been {would}; relayed (mode=monitor)"
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from scoring.store import find_decision
 
@@ -320,8 +331,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                  f"UA        {d['call']['ua']}",
                  f"decision  {d['action'].upper()}  score {d['score']:.2f}  (rule: {d['rule']}"
                  + (", degraded: Redis unavailable" if d["degraded"] else "") + ")",
-                 *([f"monitor   would have been {d['would'].upper()}; relayed (mode=monitor)"]
-                   if d.get("would") else []),
+                 *([_waived_line(d)] if d.get("would") else []),
                  *([f"label     Call-Info: {d['label']}"] if d.get("label") else []),
                  "",
                  f"{'check':18} {'score':>6} {'weight':>7} {'contrib':>8}  reason"]

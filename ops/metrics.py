@@ -139,6 +139,10 @@ PREFIXED: dict[str, tuple[str, str, str]] = {
                  "Monitor mode (mode=monitor): calls relayed that scoring would have diverted "
                  "or rejected, by that action (they are in spitwall_decisions_total as relay).",
                  "action"),
+    "optout:": ("spitwall_optout_would",
+                "Callees on the optout list: calls relayed that scoring would have diverted "
+                "or rejected, by that action (in spitwall_decisions_total as relay).",
+                "action"),
     "feedback:": ("spitwall_feedback",
                   "Reputation feedback recorded by the proxy (call ends, in-call reports).",
                   "kind"),

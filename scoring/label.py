@@ -29,10 +29,11 @@ _PARAM = re.compile(r";\s*(type|confidence|spam|call-type)\s*=", re.IGNORECASE)
 
 def header(decision: Decision, config: Config) -> str | None:
     """The `Call-Info` value to add to this relayed call, or None (not labelled)."""
-    if decision.action is not Action.RELAY or decision.would is not None \
-            or decision.rule not in SCORED_RULES or config["mode"] == "monitor":
+    if decision.action is not Action.RELAY or decision.rule not in SCORED_RULES \
+            or config["mode"] == "monitor":
         return None  # monitor mode changes no call
-    if decision.score < config.get_float("label.threshold"):
+    threshold = config.get_float("label.threshold")
+    if threshold >= 1.0 or decision.score < threshold:
         return None
     confidence = max(0, min(100, round(decision.score * 100)))
     params = str(config["label.params"]).strip().strip(";")

@@ -139,6 +139,9 @@ class Decision:
     #: a relayed call's label, the Call-Info value it goes on with (`scoring.label`); ''
     #: when not labelled
     label: str = ""
+    #: why `would` was not applied: "monitor" (mode=monitor) or "optout: <entry>" (the
+    #: callee opted out of screening); '' when the decision was applied
+    waived: str = ""
 
     def reasons(self) -> list[str]:
         return [f"{c.name}: {c.reason}" for c in self.contributions if c.reason]

@@ -92,10 +92,13 @@ class ScoringService:
         country = country_for(self.config, attempt.source_ip)
         ctx = Context(attempt, signals, self.config, self.lists, country=country, now=t)
         decision = self._pass(attempt, signals, t) or decide(ctx, on_error=self._check_failed)
-        if (decision.action is not Action.RELAY and decision.rule not in MONITOR_ENFORCES
-                and self.config["mode"] == "monitor"):
-            decision = dataclasses.replace(decision, action=Action.RELAY, would=decision.action)
-            self.counters[f"monitor:{decision.would}"] += 1
+        if decision.action is not Action.RELAY and decision.rule not in MONITOR_ENFORCES:
+            waived = "monitor" if self.config["mode"] == "monitor" else self._opted_out(attempt)
+            if waived:
+                would = decision.action
+                decision = dataclasses.replace(decision, action=Action.RELAY, would=would,
+                                               waived=waived)
+                self.counters[f"{waived.split(':')[0]}:{would.value}"] += 1
         tag = label.header(decision, self.config)
         if tag is not None:
             decision = dataclasses.replace(decision, label=tag)
@@ -173,6 +176,16 @@ class ScoringService:
                 hosts = parse_hosts(str(self.config["stir.x5u_hosts"]))
                 return url if host_allowed(url, hosts) else ""
         return ""
+
+    def _opted_out(self, attempt: CallAttempt) -> str:
+        """"optout: <entry>" when the callee is on the `optout` list (subscribers who chose
+        not to have their calls screened: their calls are relayed, and labelled when
+        labelling is on; explicit blocks still apply), else ''."""
+        if not self.lists.optout.size:
+            return ""
+        hit = self.lists.optout.match(user=attempt.ruri_user, domain=attempt.ruri_domain,
+                                      numbers=(attempt.ruri_user, attempt.to_user))
+        return f"optout: {hit.on}" if hit is not None else ""
 
     def _disabled(self, now: float) -> Decision:
         """Kill switch on: relay unscored, touch Redis only to poll the config version, at

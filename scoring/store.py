@@ -292,8 +292,9 @@ class Store:
              attempt.call_id, blob, str(keys.DECISION_BUCKET_SIZE), str(keys.DECISION_TTL)],
             ["HINCRBY", keys.STATS, f"action:{decision.action.value}", "1"],
         ]
-        if decision.would is not None:  # monitor mode: what would have been done
-            commands.append(["HINCRBY", keys.STATS, f"monitor:{decision.would.value}", "1"])
+        if decision.would is not None:  # monitor mode or opt-out: what would have been done
+            kind = decision.waived.split(":")[0] or "monitor"
+            commands.append(["HINCRBY", keys.STATS, f"{kind}:{decision.would.value}", "1"])
         if decision.label:
             commands.append(["HINCRBY", keys.STATS, "labelled", "1"])
         if decision.rule == "score" and decision.action is not Action.RELAY:
@@ -464,6 +465,7 @@ def pack_decision(attempt: CallAttempt, decision: Decision, now: float) -> bytes
         "degraded": decision.degraded,
         **({"would": decision.would.value} if decision.would is not None else {}),
         **({"label": decision.label[:300]} if decision.label else {}),
+        **({"waived": decision.waived[:300]} if decision.waived else {}),
         "checks": [[c.name, round(c.score, 4), c.weight, c.reason]
                    for c in decision.contributions],
         "call": {"src": f"{attempt.source_ip}:{attempt.source_port}/{attempt.transport}",

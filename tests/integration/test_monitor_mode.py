@@ -62,3 +62,42 @@ def test_monitor_mode_relays_a_campaign_and_records_what_it_would_do(lab_factory
         after = run_uac(r.host, r.port, "127.0.5.4", 3, 10, _campaign(3, start=n),
                         max_concurrent=1)
         assert after.count(603) == 3, after.summary()
+
+
+def test_opted_out_callee_gets_the_campaign_labelled_others_do_not(lab_factory: Any) -> None:
+    """A subscriber on the optout list: the campaign's calls to it are relayed (with the
+    spam label when labelling is on) and recorded with what screening would have done;
+    the same campaign to another callee is rejected."""
+    with rig(lab_factory) as r:
+        for args in (("list", "add", "optout", "number", "4155550999", "--reason", "request"),
+                     ("config", "set", "label.threshold", "0.2")):
+            out = spitwall(*args, redis_url=r.redis_url)
+            assert out.returncode == 0, out.stderr
+        n = 25
+        rows = [(f"spam{i:03d}", "4155550999", "Prize Desk", "Asterisk PBX 18") for i in range(n)]
+        res = run_uac(r.host, r.port, "127.0.5.6", n, 10, rows, max_concurrent=1, hold_ms=50)
+        assert res.count(200) == n, res.summary()
+        assert r.machine.count_invites() == 0
+        relayed = r.next_hop.wait_for_invites(n)
+        client = redis.Redis.from_url(r.redis_url)
+        try:
+            records = [find_decision(client, inv.call_id or "") for inv in res.sent_invites()]
+        finally:
+            client.close()
+        would = [d.get("would") for d in records if d is not None]
+        assert "reject" in would, would
+        rejected = next(d for d in records if d is not None and d.get("would") == "reject")
+        text = spitwall("explain", rejected["call_id"], redis_url=r.redis_url).stdout
+        assert "would have been REJECT; relayed (callee opted out: number 4155550999)" in text
+        # the label tells the subscriber's phone what screening thought of the call
+        loud = [inv for inv in relayed if float(inv.header("X-Spitwall-Score") or 0) >= 0.7]
+        assert loud and all(inv.headers("Call-Info") for inv in loud)
+        stats = json.loads(spitwall("stats", "--json", redis_url=r.redis_url).stdout)
+        assert stats["optout:reject"] == would.count("reject")
+        assert "monitor:reject" not in stats
+
+        # the same campaign to a callee who did not opt out is screened
+        other = [(f"spam{i:03d}", "4155550998", "Prize Desk", "Asterisk PBX 18")
+                 for i in range(n, n + 3)]
+        after = run_uac(r.host, r.port, "127.0.5.6", 3, 10, other, max_concurrent=1)
+        assert after.count(603) == 3, after.summary()

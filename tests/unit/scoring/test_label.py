@@ -42,7 +42,7 @@ def test_relayed_calls_at_or_above_the_threshold_are_labelled() -> None:
 @pytest.mark.parametrize("decision", [
     Decision(Action.DIVERT, 0.5), Decision(Action.REJECT, 0.9),
     relay(0.5, rule="allowlist"), relay(0.5, rule="emergency"), relay(0.5, rule="disabled"),
-    relay(0.5, rule="pass_token"), relay(0.5, would=Action.DIVERT),
+    relay(0.5, rule="pass_token"),
 ])
 def test_only_scored_relays_are_labelled(decision: Decision) -> None:
     assert label.header(decision, cfg(label__threshold=0.0)) is None
@@ -50,6 +50,16 @@ def test_only_scored_relays_are_labelled(decision: Decision) -> None:
 
 def test_monitor_mode_changes_no_call() -> None:
     assert label.header(relay(0.5), cfg(label__threshold=0.1, mode="monitor")) is None
+    waived = relay(0.5, would=Action.DIVERT, waived="monitor")
+    assert label.header(waived, cfg(label__threshold=0.1, mode="monitor")) is None
+
+
+def test_an_opted_out_callee_still_gets_the_label() -> None:
+    """Opt-out spares the call from diversion or rejection, not from the information."""
+    opted = relay(0.8, would=Action.REJECT, waived="optout: number +15551230001")
+    assert label.header(opted, cfg(label__threshold=0.2)) == \
+        "<data:,>;purpose=info;type=spam;confidence=80"
+    assert label.header(relay(1.0), cfg()) is None  # 1.0 labels nothing, even a 1.0 score
 
 
 @pytest.mark.parametrize(("value", "is_forged"), [

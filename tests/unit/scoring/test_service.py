@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -395,3 +396,27 @@ def test_labelled_relay_is_recorded_and_counted(service: ScoringService,
     config_admin.set_value(r, "label.threshold", "1", user="test")
     service.sync()
     assert service.score(attempt(call_id="lab-2"), now=NOW).label == ""
+
+
+def test_an_opted_out_callee_gets_its_calls_relayed_but_explicit_blocks_apply(
+        service: ScoringService, r: redis.Redis) -> None:
+    """Subscribers may opt out of screening (analytics-based blocking): their calls are
+    relayed, with what scoring would have done recorded and counted; operator blocks stay."""
+    scanner = attempt(call_id="opt-1", user_agent="friendly-scanner", ruri_user="+15550177")
+    assert service.score(scanner, now=NOW).action is Action.REJECT
+    ListStore(r).add("optout", "number", "+1 555 0177", reason="subscriber request",
+                     user="test")
+    d = service.score(dataclasses.replace(scanner, call_id="opt-2"), now=NOW)
+    assert (d.action, d.would, d.rule) == (Action.RELAY, Action.REJECT, "score")
+    assert d.waived == "optout: number +15550177"
+    assert service.counters["optout:reject"] == 1
+    service.store.fetch_config()  # the deferred writes are done
+    rec = find_decision(r, "opt-2")
+    assert rec is not None and rec["would"] == "reject" and rec["waived"] == d.waived
+    assert r.hget(keys.STATS, "optout:reject") == b"1"
+    # other callees are screened as before; an explicit block still rejects the opted-out one
+    other = dataclasses.replace(scanner, call_id="opt-3", ruri_user="+15550178")
+    assert service.score(other, now=NOW).action is Action.REJECT
+    ListStore(r).add("block", "ip", scanner.source_ip, reason="abuse", user="test")
+    d = service.score(dataclasses.replace(scanner, call_id="opt-4"), now=NOW)
+    assert (d.action, d.rule, d.would) == (Action.REJECT, "blocklist", None)
