@@ -227,7 +227,8 @@ class ScoringService:
         try:
             cfg_v, lists_v, self.watched = self.store.versions()
         except RedisUnavailable:
-            self.counters["redis_unavailable"] += 1
+            # not counted as `redis_unavailable`, which counts INVITEs scored without Redis:
+            # the intercept timer polls once a second, also through an outage
             self.available = False
             return
         self.available = True

@@ -28,6 +28,7 @@ from ops.procs import (
     sip_options_ping,
     start_process,
     stop_pid,
+    stop_pid_cleanly,
     wait_until,
 )
 
@@ -180,13 +181,16 @@ def test_own_redis_started_and_stopped_in_order(
         assert (lab.workdir / "redis.log").is_file()
 
         stopped: list[str] = []
-        real_stop = stop_pid
 
-        def recording_stop(pid: int, expect: str | list[str], timeout: float = 10.0) -> bool:
-            stopped.append(next(n for n, p in state.pids.items() if p == pid))
-            return real_stop(pid, expect, timeout)
+        def recording(real: Callable[..., bool]) -> Callable[..., bool]:
+            def stop(pid: int, expect: str | list[str], timeout: float = 10.0) -> bool:
+                stopped.append(next(n for n, p in state.pids.items() if p == pid))
+                return real(pid, expect, timeout)
+            return stop
 
-        monkeypatch.setattr(lab_module, "stop_pid", recording_stop)
+        # Kamailio is stopped by stop_pid_cleanly (a clean stop marks its dialog database)
+        monkeypatch.setattr(lab_module, "stop_pid", recording(stop_pid))
+        monkeypatch.setattr(lab_module, "stop_pid_cleanly", recording(stop_pid_cleanly))
         lab.down()
         assert stopped == ["deliver", "media", "kamailio", "redis"]
         assert not redis_ping(host, int(port), 0.5)
