@@ -179,9 +179,7 @@ class NumberDb:
         running count of removed numbers."""
         removed = 0
         for idx in keys.number_index_keys(name):
-            members = [m.decode() if isinstance(m, bytes) else str(m)
-                       for m in self.client.zrange(idx, 0, -1)]
-            gone = [m for m in members if m not in keep]
+            gone = [m for m in self._members(idx) if m not in keep]
             for start in range(0, len(gone), self.batch):
                 chunk = gone[start:start + self.batch]
                 pipe = self.client.pipeline(transaction=False)
@@ -243,8 +241,12 @@ class NumberDb:
         check_number_list(name)
         self._prune(name)
         for idx in keys.number_index_keys(name):
-            for member in self.client.zrange(idx, 0, -1):
-                yield member.decode() if isinstance(member, bytes) else str(member)
+            yield from self._members(idx)
+
+    def _members(self, idx: str) -> list[str]:
+        """The numbers of one index bucket."""
+        return [m.decode() if isinstance(m, bytes) else str(m)
+                for m in self.client.zrange(idx, 0, -1)]
 
     def count(self, name: str) -> int:
         check_number_list(name)
@@ -281,8 +283,7 @@ class NumberDb:
         check_number_list(name)
         removed = 0
         for idx in keys.number_index_keys(name):
-            members = [m.decode() if isinstance(m, bytes) else str(m)
-                       for m in self.client.zrange(idx, 0, -1)]
+            members = self._members(idx)
             for start in range(0, len(members), self.batch):
                 pipe = self.client.pipeline(transaction=False)
                 for number in members[start:start + self.batch]:
