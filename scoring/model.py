@@ -146,6 +146,13 @@ class Decision:
     def reasons(self) -> list[str]:
         return [f"{c.name}: {c.reason}" for c in self.contributions if c.reason]
 
+    @property
+    def waiver(self) -> str:
+        """What kept `would` from being applied: "monitor", "optout", or '' (applied)."""
+        if self.would is None:
+            return ""
+        return self.waived.split(":", 1)[0] or "monitor"
+
 
 def caller_identity(user: str, domain: str = "") -> str:
     """`tel:DIGITS` for numeric users ('+1 555...' and '1555...' agree), else user@domain."""

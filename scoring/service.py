@@ -98,7 +98,7 @@ class ScoringService:
                 would = decision.action
                 decision = dataclasses.replace(decision, action=Action.RELAY, would=would,
                                                waived=waived)
-                self.counters[f"{waived.split(':')[0]}:{would.value}"] += 1
+                self.counters[f"{decision.waiver}:{would.value}"] += 1
         tag = label.header(decision, self.config)
         if tag is not None:
             decision = dataclasses.replace(decision, label=tag)

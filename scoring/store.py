@@ -293,8 +293,8 @@ class Store:
             ["HINCRBY", keys.STATS, f"action:{decision.action.value}", "1"],
         ]
         if decision.would is not None:  # monitor mode or opt-out: what would have been done
-            kind = decision.waived.split(":")[0] or "monitor"
-            commands.append(["HINCRBY", keys.STATS, f"{kind}:{decision.would.value}", "1"])
+            commands.append(["HINCRBY", keys.STATS,
+                             f"{decision.waiver}:{decision.would.value}", "1"])
         if decision.label:
             commands.append(["HINCRBY", keys.STATS, "labelled", "1"])
         if decision.rule == "score" and decision.action is not Action.RELAY:
