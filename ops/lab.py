@@ -1048,6 +1048,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _add_common(down)
     down.set_defaults(func=_cmd_down)
 
+    restart = commands.add_parser(
+        "restart-proxy",
+        help="restart the lab's Kamailio cleanly (calls in progress survive)",
+        description="Stop Kamailio with SIGTERM and start it again with the same addresses "
+                    "and ports, as `systemctl restart kamailio` would; its dialogs go through "
+                    "the dialog database, so answered calls are still observed when they end.",
+    )
+    _add_common(restart)
+    restart.set_defaults(func=_cmd_restart_proxy)
+
     status = commands.add_parser(
         "status",
         help="show whether each service is alive and answering (exit 1 if not)",
@@ -1135,6 +1145,20 @@ def _cmd_down(args: argparse.Namespace) -> int:
         print(f"no lab is up in {lab.workdir}")
     else:
         print("stopped " + ", ".join(f"{n} (pid {p})" for n, p in reversed(state.pids.items())))
+    return 0
+
+
+def _cmd_restart_proxy(args: argparse.Namespace) -> int:
+    lab = Lab(args.workdir)
+    try:
+        state = lab.restart_kamailio()
+    except LabError as exc:
+        return _fail("restart-proxy", exc)
+    pid = state.pids["kamailio"]
+    if getattr(args, "json", False):
+        print(json.dumps({"workdir": str(lab.workdir), "kamailio": pid}))
+    else:
+        print(f"kamailio restarted (pid {pid}); dialogs kept in {state.dialog_db or 'nothing'}")
     return 0
 
 

@@ -284,6 +284,15 @@ def test_cli_up_status_down(tmp_path: Path, redis_url: str, request: pytest.Fixt
         text = _cli("lab", "status", "--workdir", workdir)
         assert text.returncode == 0 and "kamailio" in text.stdout
 
+        restarted = _cli("lab", "restart-proxy", "--workdir", workdir, "--json")
+        assert restarted.returncode == 0, restarted.stderr
+        new_pid = json.loads(restarted.stdout)["kamailio"]
+        assert new_pid != state["pids"]["kamailio"] and pid_alive(new_pid)
+        assert not pid_alive(state["pids"]["kamailio"])
+        assert sip_options_ping(state["sip_addr"], state["sip_port"], 2) == 200  # same port
+        assert not (Path(workdir) / "dialogs" / ".clean-stop").exists()  # used up
+        state["pids"]["kamailio"] = new_pid
+
         again = _cli("--redis", redis_url, "lab", "up", "--workdir", workdir, "--kamailio-cfg", cfg)
         assert again.returncode == 1
         assert again.stderr.strip().count("\n") == 0
@@ -300,6 +309,8 @@ def test_cli_up_status_down(tmp_path: Path, redis_url: str, request: pytest.Fixt
     assert "no lab is up" in status.stdout
     nothing = _cli("lab", "down", "--workdir", workdir)
     assert nothing.returncode == 0 and "no lab is up" in nothing.stdout
+    missing = _cli("lab", "restart-proxy", "--workdir", workdir)
+    assert missing.returncode == 1 and "no lab with a Kamailio is up" in missing.stderr
 
 
 def test_cli_status_exits_1_when_kamailio_died(lab: Lab) -> None:
