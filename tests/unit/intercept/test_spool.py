@@ -109,13 +109,20 @@ def test_a_failed_replay_keeps_the_file_and_sends_again(tmp_path: Path) -> None:
     assert spool.replay(sink) == 2
 
 
-def test_tap_spools_what_redis_refuses_and_sends_it_first_when_back(tmp_path: Path) -> None:
+def _refused_at_100(directory: Path) -> tuple[Tap, Spool, Sink]:
+    """A tap with a spool whose first event (e1) Redis refused at t=100; Redis is down."""
     tap = Tap()
-    tap.spool = Spool(tmp_path)
+    spool = tap.spool = Spool(directory)
     sink = Sink()
     sink.down = True
     with pytest.raises(RedisUnavailable):
         tap.flush([xadd(1)], sink, now=100.0)
+    return tap, spool, sink
+
+
+def test_tap_spools_what_redis_refuses_and_sends_it_first_when_back(tmp_path: Path) -> None:
+    tap, _spool, sink = _refused_at_100(tmp_path)
+    assert tap.spool is not None
     assert not tap.backlog and tap.spool.spooled == 1
     sink.down = False
     # within SPOOL_RETRY of the refusal the spool is not read: new events go behind it
@@ -131,12 +138,7 @@ def test_tap_spools_what_redis_refuses_and_sends_it_first_when_back(tmp_path: Pa
 def test_frequent_flushes_do_not_postpone_the_replay_forever(tmp_path: Path) -> None:
     """The timer process flushes every 20 ms while the spool is pending: waiting out
     SPOOL_RETRY must not itself count as a refusal that starts the wait again."""
-    tap = Tap()
-    tap.spool = Spool(tmp_path)
-    sink = Sink()
-    sink.down = True
-    with pytest.raises(RedisUnavailable):
-        tap.flush([xadd(1)], sink, now=100.0)
+    tap, spool, sink = _refused_at_100(tmp_path)
     sink.down = False  # Redis is back at once
     now = 100.0
     while now < 100.0 + 3 * SPOOL_RETRY and not sink.got:
@@ -145,7 +147,7 @@ def test_frequent_flushes_do_not_postpone_the_replay_forever(tmp_path: Path) -> 
             tap.flush([], sink, now=now)
     assert sink.ids() == ["e1"], "the spool was never replayed"
     assert now <= 100.0 + SPOOL_RETRY + 0.05
-    assert tap.spool.files() == []
+    assert spool.files() == []
 
 
 def _writer(directory: str, frames: int) -> None:
