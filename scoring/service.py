@@ -16,7 +16,7 @@ from collections import Counter
 from lists.matcher import ListHit, ListSnapshot
 from scoring import emergency, label, passtoken
 from scoring.checks.base import Context
-from scoring.checks.callerid import lookup_numbers
+from scoring.checks.callerid import callee_numbers, lookup_numbers
 from scoring.config import Config, parse_hosts
 from scoring.engine import decide
 from scoring.geo import country_for
@@ -183,8 +183,9 @@ class ScoringService:
         labelling is on; explicit blocks still apply), else ''."""
         if not self.lists.optout.size:
             return ""
+        region = str(self.config["callerid.region"])
         hit = self.lists.optout.match(user=attempt.ruri_user, domain=attempt.ruri_domain,
-                                      numbers=(attempt.ruri_user, attempt.to_user))
+                                      numbers=callee_numbers(attempt, region))
         return f"optout: {hit.on}" if hit is not None else ""
 
     def _disabled(self, now: float) -> Decision:

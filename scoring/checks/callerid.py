@@ -233,6 +233,17 @@ def callee_party(attempt: CallAttempt, region: str) -> Number | None:
     return classify(uri_user(callee_user), region) if callee_user else None
 
 
+def callee_numbers(attempt: CallAttempt, region: str) -> tuple[str, ...]:
+    """The callee's numbers for the lists matched on the callee (`optout`): the Request-URI
+    and To users as presented and the callee in E.164 where it parses in `region` (an entry
+    +14155550199 matches a national 4155550199 in the Request-URI)."""
+    out = [attempt.ruri_user, attempt.to_user]
+    party = callee_party(attempt, plan_region(region))
+    if party is not None and party.e164:
+        out.append(party.e164)
+    return tuple(n for n in out if n)
+
+
 #: most numbers of one call looked up in the number database (From and PAI, each as
 #: presented and in E.164)
 MAX_LOOKUP = 4

@@ -420,3 +420,14 @@ def test_an_opted_out_callee_gets_its_calls_relayed_but_explicit_blocks_apply(
     ListStore(r).add("block", "ip", scanner.source_ip, reason="abuse", user="test")
     d = service.score(dataclasses.replace(scanner, call_id="opt-4"), now=NOW)
     assert (d.action, d.rule, d.would) == (Action.REJECT, "blocklist", None)
+
+
+def test_opt_out_in_e164_matches_a_national_request_uri(service: ScoringService,
+                                                        r: redis.Redis) -> None:
+    ListStore(r).add("optout", "number", "+14155550199", user="test")
+    national = attempt(call_id="opt-5", user_agent="friendly-scanner", ruri_user="4155550199")
+    d = service.score(national, now=NOW)
+    assert (d.action, d.would) == (Action.RELAY, Action.REJECT)
+    assert d.waived == "optout: number +14155550199"
+    other = dataclasses.replace(national, call_id="opt-6", ruri_user="4155550198")
+    assert service.score(other, now=NOW).action is Action.REJECT
