@@ -69,3 +69,28 @@ def test_imported_numbers_block_allow_and_flag_do_not_originate(lab_factory: Any
                         redis_url=r.redis_url).returncode == 0
         again = run_uac(r.host, r.port, "127.0.4.6", 1, 10, rows(1, caller=BLOCKED))
         assert again.count(603) == 0, again.summary()
+
+
+def test_replace_import_unblocks_numbers_gone_from_the_feed(lab_factory: Any,
+                                                            tmp_path: Path) -> None:
+    """`numbers import --replace`: yesterday's blocked number that today's feed no longer has
+    is relayed again; one still in the feed stays blocked."""
+    gone, kept = "+15550300111", "+15550300222"
+    with rig(lab_factory) as r:
+        feed = tmp_path / "feed.txt"
+        feed.write_text(f"{gone}\n{kept}\n")
+        assert spitwall("numbers", "import", "block", str(feed),
+                        redis_url=r.redis_url).returncode == 0
+        warm = run_uac(r.host, r.port, "127.0.4.9", 4, 20, rows(4))  # children see the lookup
+        assert warm.count(200) == 4, warm.summary()
+        before = run_uac(r.host, r.port, "127.0.4.10", 1, 10, rows(1, caller=gone))
+        assert before.count(603) == 1, before.summary()
+
+        feed.write_text(f"{kept}\n")
+        out = spitwall("numbers", "import", "block", str(feed), "--replace",
+                       redis_url=r.redis_url)
+        assert out.returncode == 0 and "removed 1 not in the file" in out.stdout, out
+        after = run_uac(r.host, r.port, "127.0.4.10", 1, 10, rows(1, caller=gone))
+        assert after.count(200) == 1, after.summary()
+        still = run_uac(r.host, r.port, "127.0.4.11", 1, 10, rows(1, caller=kept))
+        assert still.count(603) == 1, still.summary()
