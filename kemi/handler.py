@@ -463,13 +463,27 @@ class Handler:
                                                      attempt.caller_key))
 
     def ksr_dialog_event(self, msg: Any, evname: str) -> int:
-        """dialog:end of a call we scored: its duration is evidence about the caller."""
+        """dialog:end of a call we scored: its duration is evidence about the caller.
+
+        A dialog ends with the BYE we relay (the event sees that BYE) or, with no BYE through
+        us, at its timeout (the event sees a stand-in message Kamailio makes up): then the
+        call ended at some unknown time before, so its "duration" (the timeout, hours) says
+        nothing about the caller -- counted as `dialog_timeout`, no reputation feedback."""
         try:
             if evname != "dialog:end":
                 return 1
+            by_bye = bool(KSR.is_BYE())
             if read_pv("$dlg_var(sw_li)", 8):
-                self.ktap.on_dialog_end(self._ensure_service(), "BYE or dialog timeout")
+                self.ktap.on_dialog_end(self._ensure_service(),
+                                        "BYE" if by_bye else "dialog timeout")
             diverted, ip, caller = unpack_dialog_note(read_pv("$dlg_var(sw)", 340))
+            if not by_bye:
+                svc = self._ensure_service()
+                try:  # counted at once: timeouts run in the dialog timer's process
+                    svc.store.count("dialog_timeout")
+                except RedisUnavailable:
+                    svc.counters["record_lost"] += 1
+                return 1
             if diverted:
                 return 1  # diverted: the answering machine gives its own verdict
             start = int(KSR.pv.get("$dlg(start_ts)") or 0)

@@ -76,6 +76,8 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = Path(".lab")
 DEFAULT_KAMAILIO_CFG = REPO_ROOT / "kamailio.cfg"
+#: the longest dialog timeout the lab accepts (a day), seconds
+MAX_DIALOG_TIMEOUT = 86400
 DEFAULT_CHILDREN = 4
 STATE_FILE = "lab.json"
 LOCK_FILE = "lab.lock"
@@ -163,6 +165,8 @@ class LabState:
     #: the dialog module's db_text directory: dialogs survive a Kamailio restart
     #: (`ops.dialogdb`; '' = none)
     dialog_db: str = ""
+    #: the dialog module's timeout, seconds (DIALOG_TIMEOUT; 0 = kamailio.cfg's default)
+    dialog_timeout: int = 0
 
     @property
     def sip_uri(self) -> str:
@@ -533,8 +537,12 @@ class Lab:
         media_uri: str | None = None,
         sip_addr6: str | None = None,
         sip_tls: SipTls | None = None,
+        dialog_timeout: int = 0,
     ) -> LabState:
         """Start the lab and return once every service answers.
+
+        ``dialog_timeout`` (seconds, 0 = kamailio.cfg's default) is how long Kamailio tracks a
+        call that sees no BYE (`-A DIALOG_TIMEOUT`).
 
         ``sip_tls`` adds SIP over TLS listeners (Kamailio's tls module) with that certificate.
 
@@ -551,6 +559,9 @@ class Lab:
         LabError (with Kamailio's log tail when it is the culprit) is raised.
         """
         _validate_up(sip_addr, redis_url, redis_port, next_hop, children)
+        if not 0 <= dialog_timeout <= MAX_DIALOG_TIMEOUT:
+            raise LabError(f"--dialog-timeout must be between 1 and {MAX_DIALOG_TIMEOUT} "
+                           f"seconds, not {dialog_timeout}")
         if sip_addr6 is not None:
             try:
                 v6 = ipaddress.ip_address(sip_addr6)
@@ -586,6 +597,7 @@ class Lab:
                     return self._start_all(
                         sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children,
                         timeout, redis_users, media_uri, sip_addr6 or "", sip_tls,
+                        dialog_timeout,
                     )
                 except LabError as exc:
                     if attempt == PORT_RACE_ATTEMPTS or not lost_port_race(exc):
@@ -609,6 +621,7 @@ class Lab:
         media_uri: str | None = None,
         sip_addr6: str = "",
         sip_tls: SipTls | None = None,
+        dialog_timeout: int = 0,
     ) -> LabState:
         own_redis = redis_url is None
         make_users = own_redis if redis_users is None else redis_users
@@ -632,6 +645,7 @@ class Lab:
             own_redis=own_redis,
             started_at=time.time(),
             sip_addr6=sip_addr6,
+            dialog_timeout=dialog_timeout,
         )
         if '"' not in str(self.workdir):  # a cfg string define cannot hold a quote
             state.dialog_db = str((self.workdir / "dialogs").resolve())
@@ -761,6 +775,7 @@ class Lab:
             "-A", f"MEDIA_URI={state.media_uri}",
             "-A", f"DELIVER_URI={state.deliver_uri or 'none'}",
             "-A", f"CHILDREN={state.children}",
+            *(["-A", f"DIALOG_TIMEOUT={state.dialog_timeout}"] if state.dialog_timeout else []),
             *(["-A", f'DIALOG_DB="{dialogdb.url(Path(state.dialog_db))}"']
               if state.dialog_db else []),
             "-A", f"SPITWALL_ROOT={REPO_ROOT}",
@@ -1027,6 +1042,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up.add_argument(
         "--children", type=_positive, default=DEFAULT_CHILDREN, help="Kamailio UDP workers"
     )
+    up.add_argument("--dialog-timeout", type=_positive, default=0, metavar="SECONDS",
+                    help="how long Kamailio tracks a call without a BYE (default: "
+                         "kamailio.cfg's, 14400)")
     up.add_argument(
         "--redis-users",
         action=argparse.BooleanOptionalAction,
@@ -1098,6 +1116,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             redis_users=args.redis_users,
             sip_addr6=args.sip_addr6,
             sip_tls=tls,
+            dialog_timeout=args.dialog_timeout,
         )
     except LabError as exc:
         if exc.log_tail:

@@ -183,6 +183,9 @@ EXACT["labelled"] = ("spitwall_labelled_calls",
 EXACT["media_fallback"] = ("spitwall_divert_fallback",
                            "Diverted calls relayed to the callee because the answering machine "
                            "did not take them (media.fallback=relay).", None, "")
+EXACT["dialog_timeout"] = ("spitwall_dialog_timeouts",
+                           "Tracked calls that ended at the dialog timeout, not with a BYE "
+                           "through the proxy (no call-duration feedback).", None, "")
 UNKNOWN = ("spitwall_counter", "Counters of the stats hash that this exporter does not know "
            "by name (the field is the label).", "name")
 

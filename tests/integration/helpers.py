@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ops.lab import Lab
 from ops.sipp import UasProcess, free_udp_port, run_uac, start_uas
@@ -47,8 +48,10 @@ class Rig:
 
 
 @contextmanager
-def rig(lab_factory: object, children: int = 2, addr: str = "127.0.0.1") -> Iterator[Rig]:
-    """A lab on `addr` whose next hop is a SIPp UAS there and whose MEDIA_URI is another one."""
+def rig(lab_factory: object, children: int = 2, addr: str = "127.0.0.1",
+        **up: Any) -> Iterator[Rig]:
+    """A lab on `addr` whose next hop is a SIPp UAS there and whose MEDIA_URI is another one
+    (``up``: more arguments of `Lab.up`)."""
     host = f"[{addr}]" if ":" in addr else addr
     with ExitStack() as stack:  # a UAS that started is stopped even if the next one fails
         hop = stack.enter_context(start_uas(addr))
@@ -57,7 +60,7 @@ def rig(lab_factory: object, children: int = 2, addr: str = "127.0.0.1") -> Iter
         # MEDIA_URI names the UAS; the lab's own answering machine runs on a port of its own
         lab = lab_factory(next_hop=f"sip:{host}:{hop.port}",  # type: ignore[operator]
                           media_uri=f"sip:spitwall-am@{host}:{am_port}", children=children,
-                          sip_addr=addr)
+                          sip_addr=addr, **up)
         yield Rig(lab, hop, am)
 
 

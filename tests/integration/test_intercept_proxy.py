@@ -10,6 +10,7 @@ relayed INVITE of a target's call indistinguishable from anyone else's.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import time
@@ -202,6 +203,8 @@ def test_sdes_call_of_a_target_yields_events_and_usable_keys(
         unprovision(client, liid)
     names_seen = [e for e, _ in events]
     assert names_seen == ["Origination", "Keys", "Answer", "Release"], names_seen
+    release = json.loads(dict(events)["Release"].split("\r\n\r\n", 1)[1])
+    assert release["reason"] == "BYE"  # the dialog ended with a BYE, not at its timeout
     keys_body = dict(events)["Keys"]
     assert "Content-Type: application/sdp" in keys_body
     assert f"a=x-call-id:{call_id}" in keys_body

@@ -332,6 +332,12 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert bad_port.returncode == 2
     assert bad_port.stderr.strip().splitlines()[-1].endswith("port out of range 1-65535: 70000")
     assert "Traceback" not in bad_port.stderr
+    long_dialogs = _cli("lab", "up", "--workdir", workdir, "--dialog-timeout", "90000")
+    assert long_dialogs.returncode == 1
+    assert long_dialogs.stderr.strip() == ("spitwall lab up: error: --dialog-timeout must be "
+                                           "between 1 and 86400 seconds, not 90000")
+    no_dialogs = _cli("lab", "up", "--workdir", workdir, "--dialog-timeout", "0")
+    assert no_dialogs.returncode == 2 and "must be at least 1" in no_dialogs.stderr
 
 
 def test_cli_broken_config_prints_log_tail(tmp_path: Path, redis_url: str) -> None:

@@ -108,6 +108,39 @@ def test_call_duration_feedback_can_be_turned_off(lab_factory: Any) -> None:
         assert stats.get("feedback:short_call", 0) == 2, stats
 
 
+def test_dialog_timeout_is_no_call_duration(lab_factory: Any) -> None:
+    """A call whose BYE does not come through the proxy before the dialog times out ended at
+    an unknown time: no duration feedback (it used to count as a long call, i.e. good
+    reputation), counted as `dialog_timeout`. A call ended by a BYE in time still counts."""
+    with rig(lab_factory, dialog_timeout=3) as r:
+        for k, v in (("reject_threshold", "0.95"), ("divert_threshold", "0.9"),
+                     ("reputation.short_call", "0.5"), ("reputation.long_call", "1")):
+            assert spitwall("config", "set", k, v, redis_url=r.redis_url).returncode == 0
+        caller = "2025550177"
+        # a "long" call here, ended before the timeout (after 2-3 s: whole timer ticks)
+        ended = run_uac(r.host, r.port, "127.0.12.3", 1, 5, rows(1, caller=caller),
+                        hold_ms=1400)
+        assert ended.count(200) == 1 and set(ended.bye_status.values()) == {200}, ended.summary()
+        time.sleep(0.3)
+        stats = json.loads(spitwall("stats", "--json", redis_url=r.redis_url).stdout)
+        assert stats.get("feedback:long_call", 0) == 1, stats
+        assert stats.get("dialog_timeout", 0) == 0, stats
+        before = json.loads(spitwall("report", caller, "show", "--json",
+                                     redis_url=r.redis_url).stdout)["caller"]
+        # the BYE comes after 5 s, the dialog timed out at 2-3 s: the BYE is still relayed
+        # (record-routed), but the call's "duration" is unknown
+        late = run_uac(r.host, r.port, "127.0.12.3", 1, 5, rows(1, caller=caller),
+                       hold_ms=5000)
+        assert late.count(200) == 1 and set(late.bye_status.values()) == {200}, late.summary()
+        time.sleep(0.3)
+        stats = json.loads(spitwall("stats", "--json", redis_url=r.redis_url).stdout)
+        assert stats.get("dialog_timeout", 0) == 1, stats
+        assert stats.get("feedback:long_call", 0) == 1, stats
+        after = json.loads(spitwall("report", caller, "show", "--json",
+                                    redis_url=r.redis_url).stdout)["caller"]
+        assert after["events"] == before["events"], (before, after)
+
+
 def test_alert_info_from_untrusted_caller_never_reaches_next_hop(lab_factory: Any) -> None:
     with rig(lab_factory) as r:
         # relay, not divert, so that the next hop shows what the core would get
