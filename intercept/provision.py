@@ -16,7 +16,6 @@ recorder addresses.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import json
 import re
@@ -32,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from intercept import names
+from intercept.delivery import digest
 from intercept.targets import (
     DELIVERABLES,
     SIDES,
@@ -44,8 +44,8 @@ from intercept.targets import (
 )
 from scoring.audit import os_user
 
-#: digest realm of recorder credentials: HA1 = MD5(user ":" REALM ":" password)
-REALM = "spitwall"
+#: digest realm of recorder credentials: HA1 = H(user ":" REALM ":" password)
+REALM = digest.REALM
 RECORDER_VERSION = 1
 MAX_IDENTITIES = 100
 WATCH_RETRIES = 20
@@ -245,21 +245,32 @@ def remove_target(client: redis.Redis, liid: str, *, user: str | None = None) ->
 @dataclass(frozen=True)
 class Recorder:
     """A source allowed to SUBSCRIBE (Event: srtp): an IP, IP:port or CIDR, optionally with
-    digest credentials (only HA1 = MD5(user:REALM:password) is kept) and optionally limited to
-    some LIIDs. The delivery worker reads these records (`intercept.delivery.policy`)."""
+    digest credentials (only the HA1s = H(user:REALM:password) are kept: SHA-256, and MD5
+    unless turned off) and optionally limited to some LIIDs. The delivery worker reads these
+    records (`intercept.delivery.policy`)."""
 
     address: str  # normalised (`normalise_address`)
     user: str = ""
-    ha1: str = ""
+    ha1: str = ""  # MD5; '' = MD5 not accepted
     liids: tuple[str, ...] = ()  # empty: any LIID
     created_at: float = 0.0
     created_by: str = ""
+    ha1_sha256: str = ""
+
+    @property
+    def algorithms(self) -> list[str]:
+        """The digest algorithms this recorder may answer with, preferred first."""
+        return [alg for alg, value in ((digest.SHA256, self.ha1_sha256), (digest.MD5, self.ha1))
+                if value]
 
     def pack(self) -> bytes:
-        blob: bytes = msgpack.packb({
+        record: dict[str, Any] = {
             "v": RECORDER_VERSION, "address": self.address, "user": self.user, "ha1": self.ha1,
             "liids": list(self.liids), "at": self.created_at, "by": self.created_by,
-        }, use_bin_type=True)
+        }
+        if self.ha1_sha256:
+            record["ha1_sha256"] = self.ha1_sha256
+        blob: bytes = msgpack.packb(record, use_bin_type=True)
         return blob
 
     @classmethod
@@ -268,14 +279,16 @@ class Recorder:
         try:
             return cls(address=str(d["address"]), user=str(d.get("user", "")),
                        ha1=str(d.get("ha1", "")), liids=tuple(d.get("liids") or ()),
-                       created_at=float(d.get("at", 0.0)), created_by=str(d.get("by", "")))
+                       created_at=float(d.get("at", 0.0)), created_by=str(d.get("by", "")),
+                       ha1_sha256=str(d.get("ha1_sha256", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"recorder record incomplete: {exc!r}") from None
 
     def as_json(self) -> dict[str, Any]:
-        """Without the HA1 (it is password-equivalent for digest)."""
+        """Without the HA1s (they are password-equivalent for digest)."""
         return {"address": self.address, "user": self.user or None,
-                "credentials": bool(self.ha1), "liids": list(self.liids),
+                "credentials": bool(self.algorithms), "digest": self.algorithms,
+                "liids": list(self.liids),
                 "created_at": self.created_at, "created_by": self.created_by}
 
 
@@ -308,8 +321,9 @@ def normalise_address(text: str) -> str:
         raise bad from None
 
 
-def digest_ha1(user: str, password: str, realm: str = REALM) -> str:
-    """HA1 of HTTP/SIP digest (RFC 2617 MD5): hex MD5 of ``user:realm:password``."""
+def digest_ha1(user: str, password: str, realm: str = REALM, algorithm: str = digest.MD5) -> str:
+    """HA1 of SIP digest: hex H(``user:realm:password``), H = MD5 (RFC 2617) or SHA-256
+    (RFC 7616, RFC 8760); `ValueError` for a user or password we do not store."""
     if not _DIGEST_USER.fullmatch(user or ""):
         raise ValueError(f"recorder user {user!r} must be 1-64 characters of A-Z a-z 0-9 "
                          "._~!$&'()*+,;=-")
@@ -317,30 +331,36 @@ def digest_ha1(user: str, password: str, realm: str = REALM) -> str:
         raise ValueError("recorder password must not be empty")
     if len(password) > 1024 or any(ord(ch) < 32 for ch in password):
         raise ValueError("recorder password must be at most 1024 printable characters")
-    raw = f"{user}:{realm}:{password}".encode()
-    return hashlib.md5(raw, usedforsecurity=False).hexdigest()
+    return digest.ha1(user, password, realm, algorithm)
 
 
 def recorder_allow(client: redis.Redis, addresses: Iterable[str], *, user: str = "",
                    password: str | None = None, liids: Sequence[str] = (),
-                   who: str | None = None) -> list[Recorder]:
+                   who: str | None = None, md5: bool = True) -> list[Recorder]:
     """Allow these addresses to SUBSCRIBE (replacing their previous entry), with digest
-    credentials when ``user`` is given (then ``password`` is required), for the given LIIDs
-    only when ``liids`` is not empty. All or nothing."""
+    credentials when ``user`` is given (then ``password`` is required; SHA-256, and MD5 for
+    older recorders unless ``md5`` is False), for the given LIIDs only when ``liids`` is not
+    empty. All or nothing."""
     normalised = list(dict.fromkeys(normalise_address(a) for a in addresses))
     if not normalised:
         raise ValueError("give at least one recorder ADDRESS")
     cases = tuple(dict.fromkeys(check_liid(x) for x in liids))
-    ha1 = digest_ha1(user, password or "") if user or password is not None else ""
+    with_credentials = bool(user) or password is not None
+    if not md5 and not with_credentials:
+        raise ValueError("--no-md5 is about digest credentials: give --user")
+    ha1 = digest_ha1(user, password or "") if with_credentials and md5 else ""
+    ha1_sha256 = (digest_ha1(user, password or "", algorithm=digest.SHA256)
+                  if with_credentials else "")
     now = time.time()
     by = who or os_user()
-    records = [Recorder(a, user, ha1, cases, now, by) for a in normalised]
+    records = [Recorder(a, user, ha1, cases, now, by, ha1_sha256) for a in normalised]
     existing: Any = client.hmget(names.RECORDERS, normalised)
     pipe = client.pipeline(transaction=True)
     for rec, old in zip(records, existing, strict=True):
         pipe.hset(names.RECORDERS, rec.address, rec.pack())
         append_audit(pipe, "recorder.allow", address=rec.address, user=by,
-                     detail={"user": user or None, "credentials": bool(ha1),
+                     detail={"user": user or None, "credentials": with_credentials,
+                             "digest": rec.algorithms,
                              "liids": list(cases), "replaced": old is not None})
     pipe.execute()
     return records

@@ -767,11 +767,14 @@ def cmd_recorder_allow(args: argparse.Namespace) -> int:
         normalise_address(a)  # before any prompt
     for liid in args.liid or ():
         check_liid(liid)
+    if args.no_md5 and args.user is None:
+        raise CliError("--no-md5 needs --user")
     password = _recorder_password(args)
     recs = recorder_allow(client(args), args.address, user=args.user or "", password=password,
-                          liids=args.liid or ())
+                          liids=args.liid or (), md5=not args.no_md5)
     emit(args, [r.as_json() for r in recs], lambda: "\n".join(
-        f"allowed {r.address}" + (f" (digest user {r.user})" if r.user else "")
+        f"allowed {r.address}"
+        + (f" (digest user {r.user}, {'/'.join(r.algorithms)})" if r.user else "")
         + (f" for {', '.join(r.liids)}" if r.liids else "") for r in recs))
     return 0
 
@@ -784,6 +787,7 @@ def cmd_recorder_list(args: argparse.Namespace) -> int:
         sys.stderr.write(f"spitwall: warning: {e}\n")
     emit(args, [r.as_json() for r in recs], lambda: "\n".join(
         f"{r.address:45} {('user ' + r.user) if r.user else 'address only':24} "
+        f"{'/'.join(r.algorithms) or '-':14} "
         f"{','.join(r.liids) or 'any LIID':20} {_when(r.created_at)} by {r.created_by}"
         for r in recs) or "no recorders allowed")
     return 0
@@ -1049,7 +1053,10 @@ def _add_intercept_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     ra.add_argument("address", nargs="+", metavar="ADDRESS", help="IP, IP:port or CIDR")
     ra.add_argument("--user", metavar="NAME", help="also require digest credentials")
     ra.add_argument("--password-file", metavar="FILE",
-                    help="file holding the password (else prompted); only its HA1 is stored")
+                    help="file holding the password (else prompted); only its HA1s are stored")
+    ra.add_argument("--no-md5", action="store_true",
+                    help="accept only SHA-256 digests (RFC 8760), not MD5 (default: both, "
+                         "SHA-256 offered first)")
     ra.add_argument("--liid", action="append", metavar="ID",
                     help="only for this LIID (repeatable; default: any)")
     ra.set_defaults(func=cmd_recorder_allow)

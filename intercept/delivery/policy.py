@@ -16,6 +16,8 @@ from typing import Any
 
 import msgpack
 
+from intercept.delivery import digest
+
 SUBSCRIPTION_VERSION = 1
 
 # --------------------------------------------------------------------------- back-off
@@ -120,12 +122,19 @@ class RecorderRule:
     network: ipaddress.IPv4Network | ipaddress.IPv6Network
     port: int | None = None
     user: str | None = None
-    ha1: str | None = None
+    ha1: str | None = None  # MD5 (RFC 2617)
     liids: tuple[str, ...] = ()  # empty: any LIID
+    ha1_sha256: str | None = None  # SHA-256 (RFC 7616, RFC 8760)
 
     @property
     def needs_digest(self) -> bool:
-        return self.ha1 is not None
+        return self.ha1 is not None or self.ha1_sha256 is not None
+
+    @property
+    def ha1s(self) -> dict[str, str]:
+        """Algorithm -> HA1, in order of preference (SHA-256 first): what a challenge offers."""
+        found = {digest.SHA256: self.ha1_sha256, digest.MD5: self.ha1}
+        return {alg: value for alg, value in found.items() if value is not None}
 
     @property
     def specificity(self) -> tuple[int, int]:
@@ -172,8 +181,25 @@ def parse_address(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
     return network, port
 
 
+def _ha1_fields(record: Mapping[Any, Any], user: str | None) -> dict[str, str | None]:
+    """A record's ``ha1`` (MD5) and ``ha1_sha256`` (lower-case hex, None when absent);
+    `ValueError` when one is not the right number of hex digits or there is no user."""
+    hashes: dict[str, str | None] = {}
+    for name, algorithm in (("ha1", digest.MD5), ("ha1_sha256", digest.SHA256)):
+        value = _text(record.get(name))
+        n = digest.HEX_LENGTH[algorithm]
+        if value is not None:
+            value = value.lower()
+            if len(value) != n or user is None or any(c not in "0123456789abcdef"
+                                                      for c in value):
+                raise ValueError(f"{name} must be {n} hex digits, with a user")
+        hashes[name] = value
+    return hashes
+
+
 def parse_recorders(raw: Mapping[Any, Any]) -> tuple[list[RecorderRule], list[str]]:
-    """The RECORDERS hash (address -> msgpack dict with optional ``user``, ``ha1``, ``liids``)
+    """The RECORDERS hash (address -> msgpack dict with optional ``user``, ``ha1`` (MD5),
+    ``ha1_sha256``, ``liids``)
     -> rules. Tolerant: a record that is not msgpack or not a dict is read as "no credentials"
     only when it is empty; otherwise it is skipped and reported (an unreadable entry must not
     silently become a password-less one)."""
@@ -203,17 +229,17 @@ def parse_recorders(raw: Mapping[Any, Any]) -> tuple[list[RecorderRule], list[st
             errors.append(f"recorder {address!r}: record is not a map")
             continue
         user = _text(record.get("user"))
-        ha1 = _text(record.get("ha1"))
-        if ha1 is not None:
-            ha1 = ha1.lower()
-            if len(ha1) != 32 or any(c not in "0123456789abcdef" for c in ha1) or user is None:
-                errors.append(f"recorder {address!r}: ha1 must be 32 hex digits, with a user")
-                continue
+        try:
+            hashes = _ha1_fields(record, user)
+        except ValueError as exc:
+            errors.append(f"recorder {address!r}: {exc}")
+            continue
         liids_raw = record.get("liids") or ()
         if isinstance(liids_raw, str | bytes):
             liids_raw = [liids_raw]
         liids = tuple(x for x in (_text(v) for v in liids_raw) if x)
-        rules.append(RecorderRule(address, network, port, user, ha1, liids))
+        rules.append(RecorderRule(address, network, port, user, hashes["ha1"], liids,
+                                  hashes["ha1_sha256"]))
     return rules, errors
 
 

@@ -307,6 +307,8 @@ class Counters:
     subscriptions_ended: int = 0
     subscribe_refused: int = 0
     subscribe_challenged: int = 0
+    #: verified credentials presented again with a used nonce count: challenged afresh
+    subscribe_replayed: int = 0
     audit_suppressed: int = 0
     latency_sum: float = 0.0
     latency_max: float = 0.0
@@ -335,6 +337,7 @@ class DeliveryWorker:
         self.ep = SipEndpoint(self._on_request, timers=timers, timeout=settings.sip_timeout,
                               transports=transports)
         self.nonces = digest.Nonces()
+        self.nonce_counts = digest.NonceCounts(self.nonces.lifetime)
         self.lanes: dict[str, Lane] = {}
         self.known: dict[str, Entry] = {}
         self._to_ack: set[str] = set()
@@ -1185,14 +1188,22 @@ class DeliveryWorker:
         else:
             await self._new_subscription(msg, addr, source, rule, liid, expires, event_param)
 
+    def _challenge(self, msg: SipMessage, addr: Address, rule: RecorderRule, now: float,
+                   *, stale: bool = False) -> None:
+        """401 with a fresh nonce, one WWW-Authenticate per algorithm the entry has an HA1
+        for, SHA-256 first (RFC 8760 2.4)."""
+        self.stats.subscribe_challenged += 1
+        nonce = self.nonces.new(now)
+        self.ep.respond(msg, addr, 401, "Unauthorized", to_tag=new_tag(), extra=[
+            ("WWW-Authenticate", digest.challenge(nonce, stale=stale, algorithm=alg))
+            for alg in rule.ha1s])
+
     async def _check_digest(self, msg: SipMessage, addr: Address, source: str,
                             rule: RecorderRule, uri_user: str) -> bool:
         now = time.time()
         value = msg.get("Authorization")
         if value is None:
-            self.stats.subscribe_challenged += 1
-            self.ep.respond(msg, addr, 401, "Unauthorized", to_tag=new_tag(), extra=[
-                ("WWW-Authenticate", digest.challenge(self.nonces.new(now)))])
+            self._challenge(msg, addr, rule, now)
             return False
         try:
             creds = digest.parse(value)
@@ -1200,17 +1211,24 @@ class DeliveryWorker:
             await self._refuse(msg, addr, source, 403, "Forbidden", "malformed credentials",
                                uri_user)
             return False
-        assert rule.user is not None and rule.ha1 is not None
-        good = digest.verify(creds, method="SUBSCRIBE", user=rule.user, ha1_hex=rule.ha1)
-        nonce_state = self.nonces.check(creds.get("nonce", ""), now)
+        assert rule.user is not None
+        good = digest.verify(creds, method="SUBSCRIBE", user=rule.user, ha1s=rule.ha1s)
+        nonce = creds.get("nonce", "")
+        nonce_state = self.nonces.check(nonce, now)
         if nonce_state != "ok":  # an old or foreign nonce: challenge again, not a refusal
-            self.stats.subscribe_challenged += 1
-            self.ep.respond(msg, addr, 401, "Unauthorized", to_tag=new_tag(), extra=[
-                ("WWW-Authenticate", digest.challenge(self.nonces.new(now),
-                                                      stale=good and nonce_state == "stale"))])
+            self._challenge(msg, addr, rule, now, stale=good and nonce_state == "stale")
             return False
         if not good:
             await self._refuse(msg, addr, source, 403, "Forbidden", "bad credentials", uri_user)
+            return False
+        if not self.nonce_counts.accept(nonce, creds.get("nc") if creds.get("qop") else None,
+                                        now):
+            # right credentials, but this nonce count was used before: a replay (or a client
+            # that reuses its count); the client answers a fresh nonce, a replayer cannot
+            self.stats.subscribe_replayed += 1
+            log.info("SUBSCRIBE from %s with a nonce count used before: challenged afresh",
+                     source)
+            self._challenge(msg, addr, rule, now, stale=True)
             return False
         try:
             digest_user = SipUri.parse(creds.get("uri", "")).user or ""

@@ -180,8 +180,9 @@ def synthetic_entry(
     return eid, fields
 
 
-def _md5(text: str) -> str:
-    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+def _hash(algorithm: str, text: str) -> str:
+    name = {"MD5": "md5", "SHA-256": "sha256"}[algorithm]
+    return hashlib.new(name, text.encode(), usedforsecurity=False).hexdigest()
 
 
 def _digest_params(value: str) -> dict[str, str]:
@@ -220,6 +221,10 @@ class Recorder:
         self.respond: int | None = respond
         self.decrypt = decrypt and private_key is not None and self.cert is not None
         self.user = user
+        #: digest algorithms this recorder answers with, in the order it prefers them
+        self.digest_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
+        #: the Authorization values it sent (a test may replay one)
+        self.authorizations: list[str] = []
         self.errors: list[str] = []
         self.requests: list[tuple[SipMessage, Address]] = []
         self.subscriptions: list[SubscriptionInfo] = []
@@ -531,17 +536,26 @@ class Recorder:
         headers += list(extra)
         return SipMessage.request("SUBSCRIBE", ruri, headers).serialize()
 
-    def _authorization(self, challenge: str, user: str, password: str, uri: str,
+    def _authorization(self, challenges: Sequence[str], user: str, password: str, uri: str,
                        nc: int) -> str:
-        p = _digest_params(challenge)
+        """Answer the first challenge (RFC 8760: the server's preference) whose algorithm is
+        one of `digest_algorithms`."""
+        offered = [_digest_params(c) for c in challenges]
+        p = next((c for c in offered
+                  if c.get("algorithm", "MD5").upper() in self.digest_algorithms),
+                 offered[0] if offered else {})
+        alg = p.get("algorithm", "MD5").upper()
+        alg = alg if alg in self.digest_algorithms else "MD5"  # what an RFC 2617 client does
         realm, nonce = p.get("realm", ""), p.get("nonce", "")
-        ha1 = _md5(f"{user}:{realm}:{password}")
-        ha2 = _md5(f"SUBSCRIBE:{uri}")
+        ha1 = _hash(alg, f"{user}:{realm}:{password}")
+        ha2 = _hash(alg, f"SUBSCRIBE:{uri}")
         cnonce = secrets.token_hex(6)
         ncs = f"{nc:08x}"
-        resp = _md5(f"{ha1}:{nonce}:{ncs}:{cnonce}:auth:{ha2}")
-        return (f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{uri}", '
-                f'response="{resp}", algorithm=MD5, qop=auth, nc={ncs}, cnonce="{cnonce}"')
+        resp = _hash(alg, f"{ha1}:{nonce}:{ncs}:{cnonce}:auth:{ha2}")
+        value = (f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{uri}", '
+                 f'response="{resp}", algorithm={alg}, qop=auth, nc={ncs}, cnonce="{cnonce}"')
+        self.authorizations.append(value)
+        return value
 
     async def _subscribe(
         self, sub: SubscriptionInfo, expires: int, user: str | None, password: str | None,
@@ -560,7 +574,7 @@ class Recorder:
             sub.status = resp.status
             if resp.status == 401 and user is not None and password is not None and round_ < 2:
                 uri = sub.remote_target if sub.remote_tag and sub.remote_target else sub.ruri
-                auth = self._authorization(resp.get("WWW-Authenticate") or "", user, password,
+                auth = self._authorization(resp.values("WWW-Authenticate"), user, password,
                                            uri, round_ + 1)
                 sub.cseq += 1
                 continue

@@ -346,6 +346,42 @@ def test_digest_protected_recorder(client: redis.Redis, recorder: Recorder,
     assert reasons == ["bad credentials"]
 
 
+def test_digest_sha256_preferred_md5_optional_and_replays_refused(
+        client: redis.Redis, recorder: Recorder, start_worker: WorkerFactory,
+        recipient: tuple[Any, bytes]) -> None:
+    """RFC 8760: SHA-256 offered first and used by a recorder that speaks it; MD5 only when
+    the entry has an MD5 HA1. A verified Authorization sent again (nonce count used before)
+    is challenged, not accepted: a replayer cannot subscribe with captured credentials."""
+    both = {"user": "rec2", "ha1": ha1("rec2", "pw2"),
+            "ha1_sha256": ha1("rec2", "pw2", algorithm="SHA-256")}
+    allow(client, "127.0.0.1", **both)
+    worker = start_worker()
+    sub = recorder.subscribe(worker.address, "CASE-7", user="rec2", password="pw2")
+    assert sub.status == 200
+    assert 'algorithm=SHA-256' in recorder.authorizations[-1]
+    ids = add(client, "subscribe", recipient[1], 1, liid="CASE-7")
+    assert recorder.wait_for(1, 10) and recorder.event_ids == ids
+    captured = recorder.authorizations[-1]
+    # the captured credentials, sent again in a new SUBSCRIBE (as a replayer would):
+    # challenged afresh, no subscription
+    replay = recorder.subscribe(worker.address, "CASE-7", headers=[("Authorization", captured)])
+    assert replay.status == 401
+    assert wait(lambda: worker.stats().get("subscribe_replayed") == 1)
+    assert client.hlen(names.SUBSCRIPTIONS) == 1
+    # an MD5-only recorder still gets in while the entry has an MD5 HA1 ...
+    recorder.digest_algorithms = ("MD5",)
+    old = recorder.subscribe(worker.address, "CASE-8", user="rec2", password="pw2")
+    assert old.status == 200 and 'algorithm=MD5' in recorder.authorizations[-1]
+    # ... and not once the entry is SHA-256 only (`spitwall recorder allow --no-md5`)
+    allow(client, "127.0.0.1", user="rec2", ha1_sha256=both["ha1_sha256"])
+    time.sleep(2.2)  # the worker reads the allow-list at most every 2 s
+    refused = recorder.subscribe(worker.address, "CASE-9", user="rec2", password="pw2")
+    assert refused.status == 403
+    recorder.digest_algorithms = ("SHA-256", "MD5")
+    assert recorder.subscribe(worker.address, "CASE-9", user="rec2",
+                              password="pw2").status == 200
+
+
 def test_subscription_expiry_and_waiting_events(client: redis.Redis, recorder: Recorder,
                                                 start_worker: WorkerFactory,
                                                 recipient: tuple[Any, bytes]) -> None:

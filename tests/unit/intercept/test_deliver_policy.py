@@ -125,16 +125,25 @@ def test_parse_recorders_is_tolerant_but_never_drops_credentials() -> None:
         b"192.0.2.4": _pack({"ha1": good_ha1}),  # ha1 without user
         b"192.0.2.5": _pack({"user": "u", "ha1": "xyz"}),
         b"192.0.2.6": _pack([1, 2]),
+        b"192.0.2.7": _pack({"user": "rec", "ha1_sha256": "b" * 64}),  # SHA-256 only
+        b"192.0.2.8": _pack({"user": "rec", "ha1": good_ha1, "ha1_sha256": "C" * 64}),
+        b"192.0.2.9": _pack({"user": "rec", "ha1_sha256": "c" * 32}),  # an MD5-sized one
+        b"192.0.2.10": _pack({"ha1_sha256": "c" * 64}),  # without user
     }
     rules, errors = parse_recorders(raw)
     by_addr = {r.address: r for r in rules}
     assert sorted(by_addr) == ["10.0.0.0/8", "127.0.0.1", "127.0.0.2:5060", "192.0.2.1",
-                               "192.0.2.2"]
+                               "192.0.2.2", "192.0.2.7", "192.0.2.8"]
     assert by_addr["127.0.0.2:5060"].needs_digest and by_addr["127.0.0.2:5060"].ha1 == good_ha1
+    assert by_addr["127.0.0.2:5060"].ha1s == {"MD5": good_ha1}
+    assert by_addr["192.0.2.7"].needs_digest and by_addr["192.0.2.7"].ha1s == {"SHA-256": "b" * 64}
+    # both: SHA-256 offered first (RFC 8760)
+    assert list(by_addr["192.0.2.8"].ha1s.items()) == [("SHA-256", "c" * 64), ("MD5", good_ha1)]
     assert not by_addr["127.0.0.1"].needs_digest
     assert by_addr["192.0.2.1"].liids == ("A", "B") and not by_addr["192.0.2.1"].needs_digest
     assert by_addr["192.0.2.2"].liids == ("A",)
-    assert len(errors) == 5 and all(isinstance(e, str) for e in errors)
+    assert len(errors) == 7 and all(isinstance(e, str) for e in errors)
+    assert any("ha1_sha256 must be 64 hex digits" in e for e in errors)
 
 
 def test_match_recorder_most_specific_wins() -> None:

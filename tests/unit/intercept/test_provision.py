@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import threading
+from typing import Any
 
 import pytest
 import redis
@@ -207,12 +208,23 @@ def test_recorders_allow_list_remove(r: redis.Redis) -> None:
     assert [x.address for x in recs] == ["192.0.2.7", "10.0.0.0/8"]
     (cred,) = provision.recorder_allow(r, ["192.0.2.8:5060"], user="rec1", password="s3cret")
     assert cred.ha1 == hashlib.md5(b"rec1:spitwall:s3cret").hexdigest()
+    assert cred.ha1_sha256 == hashlib.sha256(b"rec1:spitwall:s3cret").hexdigest()
+    assert cred.algorithms == ["SHA-256", "MD5"]
     stored = r.hget(names.RECORDERS, "192.0.2.8:5060")
     assert stored is not None and b"s3cret" not in stored
+    assert isinstance(stored, bytes) and provision.Recorder.unpack(stored) == cred
+    (modern,) = provision.recorder_allow(r, ["192.0.2.9"], user="rec2", password="pw",
+                                         md5=False)
+    assert modern.ha1 == "" and modern.algorithms == ["SHA-256"]
+    assert provision.recorder_remove(r, ["192.0.2.9"]) == ["192.0.2.9"]
+    with pytest.raises(ValueError, match="--user"):
+        provision.recorder_allow(r, ["192.0.2.9"], md5=False)
     listed, errors = provision.recorder_list(r)
     assert errors == [] and [x.address for x in listed] == ["10.0.0.0/8", "192.0.2.7",
                                                             "192.0.2.8:5060"]
     assert listed[2].user == "rec1" and "ha1" not in listed[2].as_json()
+    assert "ha1_sha256" not in listed[2].as_json()
+    assert listed[2].as_json()["digest"] == ["SHA-256", "MD5"]
     assert r.get(names.VERSION) is None  # recorders do not bump the target version
 
     before = _state(r)
@@ -224,6 +236,8 @@ def test_recorders_allow_list_remove(r: redis.Redis) -> None:
     assert actions == [("recorder.allow", "192.0.2.7", "carol"),
                        ("recorder.allow", "10.0.0.0/8", "carol"),
                        ("recorder.allow", "192.0.2.8:5060", actions[2][2]),
+                       ("recorder.allow", "192.0.2.9", actions[2][2]),
+                       ("recorder.remove", "192.0.2.9", actions[2][2]),
                        ("recorder.remove", "192.0.2.7", "dave")]
     assert all(b"s3cret" not in json.dumps(e).encode() for e in provision.audit_tail(r))
 
@@ -241,6 +255,7 @@ def test_recorder_records_read_by_the_delivery_worker(r: redis.Redis) -> None:
     cred = by_addr["192.0.2.8:5060"]
     assert (cred.user, cred.ha1, cred.liids) == ("rec1", hashlib.md5(b"rec1:spitwall:pw")
                                                  .hexdigest(), ("CASE-1", "CASE-2"))
+    assert cred.ha1_sha256 == hashlib.sha256(b"rec1:spitwall:pw").hexdigest()
     assert by_addr["10.0.0.0/8"].user is None and by_addr["10.0.0.0/8"].ha1 is None
     assert policy.match_recorder(rules, "10.9.9.9", 5060).address == "10.0.0.0/8"
     assert policy.match_recorder(rules, "192.0.2.8", 5061) is None
@@ -254,7 +269,7 @@ def test_recorder_records_read_by_the_delivery_worker(r: redis.Redis) -> None:
     ({"user": "bad user", "password": "x"}, "recorder user"),
     ({"user": "rec", "password": "a\nb"}, "printable"),
 ])
-def test_recorder_credentials_refused(r: redis.Redis, kw: dict[str, str], message: str) -> None:
+def test_recorder_credentials_refused(r: redis.Redis, kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         provision.recorder_allow(r, ["192.0.2.7"], **kw)
     with pytest.raises(ValueError, match="recorder address"):

@@ -216,8 +216,15 @@ def test_recorders(run: Run, r: redis.Redis, tmp_path: Path) -> None:
     listed = json.loads(out)
     assert [x["address"] for x in listed] == ["10.0.0.0/8", "192.0.2.7", "192.0.2.8:5060"]
     assert listed[2]["credentials"] is True and "ha1" not in listed[2]
+    assert listed[2]["digest"] == ["SHA-256", "MD5"]
     rc, out, _ = run("recorder", "list")
-    assert rc == 0 and "user rec1" in out
+    assert rc == 0 and "user rec1" in out and "SHA-256/MD5" in out
+    rc, out, err = run("recorder", "allow", "192.0.2.8:5060", "--user", "rec1",
+                       "--password-file", str(pw), "--no-md5")
+    assert rc == 0 and "digest user rec1, SHA-256)" in out, err
+    blob = r.hget(names.RECORDERS, "192.0.2.8:5060")
+    assert blob is not None and hashlib.md5(b"rec1:spitwall:s3cret").hexdigest().encode() \
+        not in blob and hashlib.sha256(b"rec1:spitwall:s3cret").hexdigest().encode() in blob
 
     before = _state(r)
     for argv, message in (
@@ -229,6 +236,7 @@ def test_recorders(run: Run, r: redis.Redis, tmp_path: Path) -> None:
         (["recorder", "allow", "192.0.2.9", "--user", "bad user", "--password-file", str(pw)],
          "recorder user"),
         (["recorder", "allow", "192.0.2.9", "--liid", "bad liid"], "LIID"),
+        (["recorder", "allow", "192.0.2.9", "--no-md5"], "--no-md5 needs --user"),
         (["recorder", "remove", "192.0.2.7", "198.51.100.1"], "not an allowed recorder"),
         (["recorder", "remove", "nonsense"], "recorder address"),
         (["recorder", "allow"], "arguments are required"),
@@ -244,8 +252,8 @@ def test_recorders(run: Run, r: redis.Redis, tmp_path: Path) -> None:
     entries = json.loads(out)["entries"]
     assert [(e["action"], e["address"]) for e in entries] == [
         ("recorder.allow", "192.0.2.7"), ("recorder.allow", "10.0.0.0/8"),
-        ("recorder.allow", "192.0.2.8:5060"), ("recorder.remove", "192.0.2.7"),
-        ("recorder.remove", "10.0.0.0/8")]
+        ("recorder.allow", "192.0.2.8:5060"), ("recorder.allow", "192.0.2.8:5060"),
+        ("recorder.remove", "192.0.2.7"), ("recorder.remove", "10.0.0.0/8")]
     assert all(e["user"] == getpass.getuser() for e in entries)
     assert "s3cret" not in out
 
