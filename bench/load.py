@@ -158,6 +158,8 @@ class Settings:
     mem: str = ""  # Kamailio's memory manager (-x): qm, fm, tlsf; "" = the lab's (tlsf)
     cluster: int = 0  # >0: a Redis Cluster of that many masters instead of one redis-server
     config: tuple[tuple[str, str], ...] = ()  # --set KEY=VALUE, applied after the weights
+    dialog_store: str = "text"  # the lab's dialog store: text (db_text) or redis (db_redis)
+    hold_ms: int = 0  # the answered call lasts this long before the BYE
 
 
 # ------------------------------------------------------------------------------------ /proc
@@ -297,6 +299,7 @@ class UacFleet:
         timeout: float,
         rcvbuf: int = 0,
         no_retrans: bool = False,
+        hold_ms: int = 0,
     ) -> list[Path]:
         """Start one sipp per source with its share of calls/rate/concurrency; return the
         paths of their statistics files."""
@@ -326,7 +329,7 @@ class UacFleet:
                 "-m", str(share),
                 "-r", f"{max(rate / n, 1):g}", "-rp", "1000",
                 "-l", str(max(concurrency // n, 1)),
-                "-d", "0",
+                "-d", str(hold_ms),
                 "-recv_timeout", "10000",
                 "-timeout", f"{max(1, int(timeout))}s",
                 "-nostdin",
@@ -451,14 +454,19 @@ class Bench:
             self.cluster = ClusterSet(self.workdir / "cluster", masters=self.s.cluster)
             self.cluster.start()
             self.lab_state = self.lab.up(next_hop=self.uas.uri, children=self.s.children,
-                                         redis_url=self.cluster.url)
+                                         redis_url=self.cluster.url,
+                                         dialog_store=self.s.dialog_store)
             self.redis_pids = list(self.cluster.pids.values())
             self.redis_nodes = [self.cluster.node(p) for p in self.cluster.running()]
             where = f"Redis Cluster of {self.s.cluster} masters, pids {self.redis_pids}"
         else:
-            self.lab_state = self.lab.up(next_hop=self.uas.uri, children=self.s.children)
+            self.lab_state = self.lab.up(next_hop=self.uas.uri, children=self.s.children,
+                                         dialog_store=self.s.dialog_store)
             self.redis_pids = [self.lab_state.pids["redis"]]
             where = f"redis-server pid {self.redis_pids[0]}"
+        if "dialog-redis" in self.lab_state.pids:  # its CPU counts in the Redis columns
+            self.redis_pids.append(self.lab_state.pids["dialog-redis"])
+            where += f", dialog redis-server pid {self.lab_state.pids['dialog-redis']}"
         st = self.lab_state
         self.log(
             f"lab: kamailio pid {st.pids['kamailio']} on {st.sip_addr}:{st.sip_port}, "
@@ -515,7 +523,7 @@ class Bench:
             stat_files = fleet.start(
                 self.workdir / tag, (self.lab_state.sip_addr, self.lab_state.sip_port),
                 self.sources, calls, self.s.rate, concurrency, self.s.timeout,
-                self.s.rcvbuf, not self.s.retrans,
+                self.s.rcvbuf, not self.s.retrans, self.s.hold_ms,
             )  # fmt: skip
             codes = fleet.wait(self.s.timeout + 10)
             wall = time.monotonic() - start
@@ -909,6 +917,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(tlsf; Kamailio's own default is qm)",
     )
     p.add_argument(
+        "--hold-ms",
+        type=int,
+        default=0,
+        help="answered calls last this long (ms) before the UAC's BYE (default 0; calls in "
+        "flight grow by rate x hold, raise --concurrency-on/-off with it)",
+    )
+    p.add_argument(
+        "--dialog-store",
+        choices=("text", "redis"),
+        default="text",
+        help="where Kamailio keeps its dialogs (lab --dialog-store): text (db_text, written at "
+        "a clean stop; the default) or redis (a dialog redis-server written every 2 s; its CPU "
+        "counts in the redis columns)",
+    )
+    p.add_argument(
         "--redis-cluster",
         type=_cluster_masters,
         default=0,
@@ -925,6 +948,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rate <= 0:
         p.error("--rate must be > 0")
+    if not 0 <= args.hold_ms <= 60_000:
+        p.error("--hold-ms must be between 0 and 60000")
     if args.sources > 254:
         p.error("--sources must be at most 254")
     args.config = []
@@ -952,6 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources=args.sources, children=args.children, warmup=max(0, args.warmup),
         timeout=args.timeout, shm_mb=args.shm, rcvbuf=args.rcvbuf, retrans=args.retrans,
         mem=args.mem, cluster=args.redis_cluster, config=tuple(args.config),
+        dialog_store=args.dialog_store, hold_ms=args.hold_ms,
     )  # fmt: skip
     for tool in ("kamailio", "redis-server"):
         if (

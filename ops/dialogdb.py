@@ -21,17 +21,35 @@ crash the calls that were up are forgotten, as without the database, never reviv
     python -m ops.dialogdb DIRECTORY            before Kamailio starts (ExecStartPre, lab)
     python -m ops.dialogdb --started DIRECTORY  once it runs (ExecStartPost, lab)
     python -m ops.dialogdb --stopped DIRECTORY  after it stopped (ExecStopPost, lab)
+    python -m ops.dialogdb --redis URL          the Redis store's table versions (below)
+    python -m ops.dialogdb --redis-env          the same for $SPITWALL_DIALOG_REDIS, when set
+                                                (ExecStartPre)
+
+**Dialogs that survive a crash too: the Redis store.** With ``DIALOG_REDIS`` (a
+``redis://HOST:PORT/DB`` URL; kamailio-redis-modules' db_redis) the dialog module writes new and
+changed dialogs every ``DIALOG_DB_PERIOD`` seconds from its timer (``db_mode`` 2: nothing in
+the INVITE's path) and removes a written dialog when its BYE passes (one round trip in that
+worker). A crash then loses only the dialogs younger than the period; the Redis must be this
+proxy's own (dialog ids are per Kamailio instance), on its host (the BYE's removal waits for
+it), with append-only persistence (it must outlive a crash of the host's processes). Calls
+that ended while the proxy was down are revived with the rest and end at their timeout, which
+gives no duration feedback and an intercept ``Release`` with reason ``dialog timeout``.
+`prepare_redis` writes the table versions db_redis checks at start (idempotent).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 #: where Debian's kamailio package installs the db_text table definitions
 SCHEMA_DIR = Path("/usr/share/kamailio/dbtext/kamailio")
+#: ... and kamailio-redis-modules the db_redis ones (columns line, then the table version)
+REDIS_SCHEMA_DIR = Path("/usr/share/kamailio/db_redis/kamailio")
 TABLES = ("dialog", "dialog_vars")
 #: left by a clean stop (`mark_clean`), taken by the next `prepare`
 CLEAN_MARKER = ".clean-stop"
@@ -117,12 +135,111 @@ def prepare(directory: Path, schema_dir: Path = SCHEMA_DIR) -> list[str]:
     return done
 
 
+def check_redis_url(url: str) -> str:
+    """``redis://[:PASSWORD@]HOST:PORT/DB`` as db_redis reads it; `DialogDbError` otherwise
+    (db_redis speaks neither TLS, nor Sentinel, nor ACL user names)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "redis" or not parts.hostname or port is None or parts.username \
+            or not re.fullmatch(r"/\d{1,2}", parts.path or "") or parts.query or parts.fragment:
+        raise DialogDbError("the dialog Redis must be a redis://[:PASSWORD@]HOST:PORT/DB URL "
+                            f"(db_redis: no TLS, Sentinel or user names), not {_redacted(url)!r}")
+    return url
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)[:200]
+    return url[:200]
+
+
+def redis_versions(schema_dir: Path = REDIS_SCHEMA_DIR) -> dict[str, int]:
+    """Table -> version of the dialog tables, from the db_redis schema files."""
+    versions: dict[str, int] = {}
+    for name in TABLES:
+        try:
+            lines = (schema_dir / name).read_text().splitlines()
+        except OSError as exc:
+            raise DialogDbError(f"db_redis table definitions are missing ({exc}); is the "
+                                "kamailio-redis-modules package installed?") from exc
+        if len(lines) < 2 or not lines[1].strip().isdigit():
+            raise DialogDbError(f"{schema_dir / name}: no table version on its second line")
+        versions[name] = int(lines[1])
+    return versions
+
+
+def prepare_redis(url: str, schema_dir: Path = REDIS_SCHEMA_DIR,
+                  timeout: float = 2.0) -> list[str]:
+    """Write the dialog tables' versions into the dialog Redis (db_redis' ``version`` table:
+    ``version:entry::<table>``), as the dialog module checks them at start. Idempotent;
+    the dialogs there are kept (that is the point). Returns what it wrote."""
+    import redis
+
+    check_redis_url(url)
+    versions = redis_versions(schema_dir)
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        pipe = client.pipeline(transaction=True)
+        for name, version in versions.items():
+            pipe.hset(f"version:entry::{name}",
+                      mapping={"table_name": name, "table_version": version})
+        pipe.execute()
+    except redis.RedisError as exc:
+        raise DialogDbError(f"cannot write the dialog table versions to "
+                            f"{_redacted(url)}: {exc}") from exc
+    finally:
+        client.close()
+    return [f"{name}: version {version}" for name, version in versions.items()]
+
+
+#: the environment variable kamailio.cfg reads the Redis store's URL from (#!trydefenvs)
+REDIS_ENV = "SPITWALL_DIALOG_REDIS"
+
+
+def redis_from_env(env: Mapping[str, str]) -> str | None:
+    """The Redis store's URL from ``env`` (None: not set, the db_text store is used).
+    `DialogDbError` when it is set but empty: kamailio.cfg would then define DIALOG_REDIS as
+    an empty URL and fail to start, so the line must go."""
+    if REDIS_ENV not in env:
+        return None
+    url = env[REDIS_ENV].strip()
+    if not url:
+        raise DialogDbError(f"{REDIS_ENV} is set but empty: remove the line (db_text store) "
+                            "or give the dialog Redis's URL")
+    return check_redis_url(url)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    step = args.pop(0) if args and args[0] in ("--started", "--stopped") else ""
+    if args == ["--redis-env"]:
+        try:
+            url = redis_from_env(os.environ)
+            if url is None:
+                print(f"{REDIS_ENV} not set: dialogs go to the db_text store")
+                return 0
+            done = prepare_redis(url)
+        except DialogDbError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"{_redacted(url)}: " + "; ".join(done))
+        return 0
+    step = args.pop(0) if args and args[0] in ("--started", "--stopped", "--redis") else ""
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m ops.dialogdb [--started|--stopped] DIRECTORY", file=sys.stderr)
+        print("usage: python -m ops.dialogdb [--started|--stopped] DIRECTORY\n"
+              "       python -m ops.dialogdb --redis URL | --redis-env", file=sys.stderr)
         return 2
+    if step == "--redis":
+        try:
+            done = prepare_redis(args[0])
+        except DialogDbError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"{_redacted(args[0])}: " + "; ".join(done))
+        return 0
     directory = Path(args[0])
     try:
         if step == "--started":

@@ -30,6 +30,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -78,6 +79,9 @@ DEFAULT_WORKDIR = Path(".lab")
 DEFAULT_KAMAILIO_CFG = REPO_ROOT / "kamailio.cfg"
 #: the longest dialog timeout the lab accepts (a day), seconds
 MAX_DIALOG_TIMEOUT = 86400
+#: where the Redis dialog store (`dialog_store="redis"`) keeps its files, under the workdir
+DIALOG_REDIS_DIR = "dialog-redis"
+DIALOG_STORES = ("text", "redis")
 DEFAULT_CHILDREN = 4
 STATE_FILE = "lab.json"
 LOCK_FILE = "lab.lock"
@@ -167,6 +171,17 @@ class LabState:
     dialog_db: str = ""
     #: the dialog module's timeout, seconds (DIALOG_TIMEOUT; 0 = kamailio.cfg's default)
     dialog_timeout: int = 0
+    #: the Redis dialog store (`ops.dialogdb`, "redis"): port of the lab's dialog redis-server
+    #: (0 = the db_text store of ``dialog_db``) and how often the dialog module writes (s)
+    dialog_redis_port: int = 0
+    dialog_db_period: int = 0
+
+    def dialog_redis_url(self) -> str:
+        """The dialog store's URL with its password (read from its 0600 file), or ''."""
+        if not self.dialog_redis_port:
+            return ""
+        secret = (Path(self.workdir) / DIALOG_REDIS_DIR / "password").read_text().strip()
+        return f"redis://:{secret}@127.0.0.1:{self.dialog_redis_port}/0"
 
     @property
     def sip_uri(self) -> str:
@@ -196,6 +211,10 @@ class LabState:
         env["SPITWALL_REDIS"] = self.url_for(role) if role else self.redis_url
         if role == "proxy":  # intercept events Redis refuses wait on disk (intercept.spool)
             env.setdefault("SPITWALL_LI_SPOOL", str(Path(self.workdir) / "li-spool"))
+            if self.dialog_redis_port:  # kamailio.cfg: #!trydefenvs DIALOG_REDIS=...
+                env["SPITWALL_DIALOG_REDIS"] = self.dialog_redis_url()
+                if self.dialog_db_period:
+                    env["SPITWALL_DIALOG_DB_PERIOD"] = str(self.dialog_db_period)
         return env
 
     def to_json(self) -> str:
@@ -538,8 +557,15 @@ class Lab:
         sip_addr6: str | None = None,
         sip_tls: SipTls | None = None,
         dialog_timeout: int = 0,
+        dialog_store: str = "text",
+        dialog_db_period: int = 0,
     ) -> LabState:
         """Start the lab and return once every service answers.
+
+        ``dialog_store``: where Kamailio keeps its dialogs across restarts: "text" (a db_text
+        directory, written at a clean stop) or "redis" (a redis-server of the lab's own with
+        append-only persistence, written every ``dialog_db_period`` seconds: dialogs also
+        survive a crash; `ops.dialogdb`).
 
         ``dialog_timeout`` (seconds, 0 = kamailio.cfg's default) is how long Kamailio tracks a
         call that sees no BYE (`-A DIALOG_TIMEOUT`).
@@ -562,6 +588,15 @@ class Lab:
         if not 0 <= dialog_timeout <= MAX_DIALOG_TIMEOUT:
             raise LabError(f"--dialog-timeout must be between 1 and {MAX_DIALOG_TIMEOUT} "
                            f"seconds, not {dialog_timeout}")
+        if dialog_store not in DIALOG_STORES:
+            raise LabError(f"--dialog-store must be one of {', '.join(DIALOG_STORES)}, "
+                           f"not {dialog_store[:40]!r}")
+        if dialog_db_period and dialog_store != "redis":
+            raise LabError("--dialog-db-period is for --dialog-store redis (the text store is "
+                           "written at a clean stop)")
+        if not 0 <= dialog_db_period <= 3600:
+            raise LabError(f"--dialog-db-period must be between 1 and 3600 seconds, not "
+                           f"{dialog_db_period}")
         if sip_addr6 is not None:
             try:
                 v6 = ipaddress.ip_address(sip_addr6)
@@ -597,7 +632,7 @@ class Lab:
                     return self._start_all(
                         sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children,
                         timeout, redis_users, media_uri, sip_addr6 or "", sip_tls,
-                        dialog_timeout,
+                        dialog_timeout, dialog_store, dialog_db_period,
                     )
                 except LabError as exc:
                     if attempt == PORT_RACE_ATTEMPTS or not lost_port_race(exc):
@@ -622,6 +657,8 @@ class Lab:
         sip_addr6: str = "",
         sip_tls: SipTls | None = None,
         dialog_timeout: int = 0,
+        dialog_store: str = "text",
+        dialog_db_period: int = 0,
     ) -> LabState:
         own_redis = redis_url is None
         make_users = own_redis if redis_users is None else redis_users
@@ -647,7 +684,10 @@ class Lab:
             sip_addr6=sip_addr6,
             dialog_timeout=dialog_timeout,
         )
-        if '"' not in str(self.workdir):  # a cfg string define cannot hold a quote
+        if dialog_store == "redis":
+            state.dialog_redis_port = free_port("127.0.0.1", "tcp")
+            state.dialog_db_period = dialog_db_period
+        elif '"' not in str(self.workdir):  # a cfg string define cannot hold a quote
             state.dialog_db = str((self.workdir / "dialogs").resolve())
         if sip_tls is not None:
             state.sip_tls_port = sip_tls.port or free_sip_port(sip_addr, sip_addr6, "tcp")
@@ -660,6 +700,8 @@ class Lab:
                 raise LabError(f"Redis at {redis_url} does not answer PING")
             if make_users:
                 self._create_users(state, shared=not own_redis)
+            if state.dialog_redis_port:
+                self._start_dialog_redis(state)
             self._start_kamailio(state, timeout)
             for service in EXTRA_SERVICES:
                 self._start_extra(state, service)
@@ -689,6 +731,36 @@ class Lab:
         # since on failure it has already stopped the process.
         pid = start_redis_server(self.workdir, port)
         self._record(state, "redis", pid, log_path, REDIS_EXPECT)
+
+    def _start_dialog_redis(self, state: LabState) -> None:
+        """The Redis dialog store: a redis-server of this lab's own on loopback, with a
+        password (in a 0600 config file, not on a command line) and append-only persistence
+        (fsync every second), as docs/deployment.md describes for a proxy host."""
+        directory = self.workdir / DIALOG_REDIS_DIR
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secret_path = directory / "password"
+        if not secret_path.exists():
+            fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(24) + "\n")
+        secret = secret_path.read_text().strip()
+        conf = directory / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"bind 127.0.0.1\nport {state.dialog_redis_port}\nrequirepass {secret}\n"
+                      f"dir {json.dumps(str(directory))}\nsave \"\"\nappendonly yes\n"
+                      "appendfsync everysec\ndaemonize no\n")
+        log_path = directory / "redis.log"
+        _rotate_log(log_path)
+        argv = [_binary("redis-server", "/usr/bin/redis-server"), str(conf),
+                "--logfile", str(log_path)]
+        pid = start_process(argv, log_path, cwd=directory)
+        self._record(state, "dialog-redis", pid, log_path, REDIS_EXPECT)
+        url = state.dialog_redis_url()
+        if not wait_until(lambda: not pid_alive(pid) or _redis_answers(url, 0.5),
+                          REDIS_READY_TIMEOUT, 0.05) or not pid_alive(pid):
+            raise LabError(f"the dialog redis-server on 127.0.0.1:{state.dialog_redis_port} "
+                           f"did not start (see {log_path})", _log_tail(log_path))
 
     def _create_users(self, state: LabState, *, shared: bool) -> None:
         """Create the Redis role users with fresh passwords; their URLs go to redis-users.json
@@ -794,11 +866,13 @@ class Lab:
         return out
 
     def _start_kamailio(self, state: LabState, timeout: float) -> None:
-        if state.dialog_db:
-            try:
+        try:
+            if state.dialog_db:
                 dialogdb.prepare(Path(state.dialog_db))
-            except dialogdb.DialogDbError as exc:
-                raise LabError(str(exc)) from exc
+            if state.dialog_redis_port:
+                dialogdb.prepare_redis(state.dialog_redis_url())
+        except dialogdb.DialogDbError as exc:
+            raise LabError(str(exc)) from exc
         log_path = self.workdir / "kamailio.log"
         _rotate_log(log_path)
         (self.workdir / "run").mkdir(parents=True, exist_ok=True)
@@ -921,6 +995,9 @@ class Lab:
             if name == "redis":
                 answering = _redis_answers(state.redis_url) if alive else False
                 address = state.redis_url
+            elif name == "dialog-redis":
+                answering = _redis_answers(state.dialog_redis_url()) if alive else False
+                address = f"127.0.0.1:{state.dialog_redis_port}"
             elif name == "kamailio":
                 answering = _kamailio_answers(state) if alive else False
                 address = f"udp+tcp {_uri_host(state.sip_addr)}:{state.sip_port}"
@@ -1042,6 +1119,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up.add_argument(
         "--children", type=_positive, default=DEFAULT_CHILDREN, help="Kamailio UDP workers"
     )
+    up.add_argument("--dialog-store", choices=DIALOG_STORES, default="text",
+                    help="where Kamailio keeps its dialogs across restarts: text (written at "
+                         "a clean stop) or redis (a dialog redis-server of the lab's own, "
+                         "written every --dialog-db-period seconds: also across a crash)")
+    up.add_argument("--dialog-db-period", type=_positive, default=0, metavar="SECONDS",
+                    help="--dialog-store redis: how often new dialogs are written "
+                         "(default: kamailio.cfg's, 2)")
     up.add_argument("--dialog-timeout", type=_positive, default=0, metavar="SECONDS",
                     help="how long Kamailio tracks a call without a BYE (default: "
                          "kamailio.cfg's, 14400)")
@@ -1117,6 +1201,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             sip_addr6=args.sip_addr6,
             sip_tls=tls,
             dialog_timeout=args.dialog_timeout,
+            dialog_store=args.dialog_store,
+            dialog_db_period=args.dialog_db_period,
         )
     except LabError as exc:
         if exc.log_tail:
@@ -1199,7 +1285,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         pid = "external" if row.pid is None else f"pid {row.pid}"
         alive = "alive" if row.alive else "DEAD"
         answer = {True: "answering", False: "NOT ANSWERING", None: "not probed"}[row.answering]
-        print(f"{row.name:<10} {pid:<12} {alive:<6} {answer:<14} {row.address}".rstrip())
+        print(f"{row.name:<12} {pid:<12} {alive:<6} {answer:<14} {row.address}".rstrip())
     return 0 if ok else 1
 
 

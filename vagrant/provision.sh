@@ -7,6 +7,7 @@ set -euo pipefail
 PKGS=(
   kamailio kamailio-python3-modules   # the proxy and app_python3 (KEMI)
   kamailio-tls-modules                # tests: Kamailio as the TLS server delivery is tested on
+  kamailio-redis-modules              # db_redis: the Redis dialog store (ops/dialogdb.py)
   redis-server                        # shared state
   sip-tester                          # SIPp: load and functional tests
   python3-venv python3-dev gcc        # the project venv, from Debian's /usr/bin/python3

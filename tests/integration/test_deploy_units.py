@@ -203,14 +203,18 @@ def _argv(line: str, env: Mapping[str, str]) -> list[str]:
 
 def fill_env(path: Path, values: Mapping[str, str]) -> None:
     """Set KEY=VALUE lines of an installed env file, as an operator edits it; every key must
-    already be in it (the example names every variable the unit uses)."""
+    already be in it (the example names every variable the unit uses), set or commented out
+    as ``#KEY=...`` (an optional one: the operator removes the ``#``)."""
     lines = path.read_text().splitlines()
     missing = set(values)
-    for i, line in enumerate(lines):
-        key = line.partition("=")[0].strip()
-        if key in values and not line.lstrip().startswith("#"):
-            lines[i] = f"{key}={values[key]}"
-            missing.discard(key)
+    for commented in (False, True):  # a set line first; else "#KEY=" (no space: not prose)
+        for i, line in enumerate(lines):
+            if line.startswith("#") != commented or (commented and line[1:2].isspace()):
+                continue
+            key = line.removeprefix("#").partition("=")[0].strip()
+            if key in missing and "=" in line:
+                lines[i] = f"{key}={values[key]}"
+                missing.discard(key)
     assert not missing, f"{path.name} does not name {sorted(missing)}"
     path.write_text("\n".join(lines) + "\n")
 
@@ -587,12 +591,59 @@ def _send_invite(port: int) -> bytes:
         return sock.recv(65535)
 
 
+@contextlib.contextmanager
+def dialog_redis(root: Path) -> Iterator[str]:
+    """redis-server with deploy/redis/redis-spitwall-dialogs.conf as an operator installs it
+    (their password; a free port and tmp dir instead of 6380 and /var/lib/redis; no systemd
+    notification); yields the URL for SPITWALL_DIALOG_REDIS. Stopped by pid."""
+    secret = secrets.token_hex(12)
+    port = free_port("127.0.0.1", "tcp")
+    conf = (REPO / "deploy" / "redis" / "redis-spitwall-dialogs.conf").read_text()
+    conf = (conf.replace("requirepass CHANGE-ME", f"requirepass {secret}")
+            .replace("port 6380", f"port {port}").replace("bind 127.0.0.1 -::1", "bind 127.0.0.1")
+            .replace("dir /var/lib/redis", f"dir {root}")
+            .replace("supervised systemd", "supervised no"))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "redis.conf").write_text(conf)
+    url = f"redis://:{secret}@127.0.0.1:{port}/0"
+    with running(["/usr/bin/redis-server", str(root / "redis.conf")], dict(os.environ),
+                 root / "redis.log", ["redis-server"]):
+        assert wait_until(lambda: _ping(url), 10.0), _log_tail(root / "redis.log")
+        yield url
+
+
+def _clients(url: str) -> int:
+    """Connections to the dialog Redis besides our own."""
+    client = redis.Redis.from_url(url, socket_timeout=2.0)
+    try:
+        return int(client.info("clients")["connected_clients"]) - 1
+    finally:
+        client.close()
+
+
+def _ping(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
 @pytest.mark.skipif(not DEBIAN_KAMAILIO.is_file() or not KAMAILIO.is_file(),
                     reason="Debian's kamailio package (kamailio.service) is not installed")
+@pytest.mark.parametrize("store", ["text", "redis"])
 def test_kamailio_with_the_dropin_answers_and_scores_as_the_proxy_role(
-    deployment: Deployment,
+    deployment: Deployment, store: str,
 ) -> None:
-    d = deployment
+    """`store` = redis: proxy.env names a dialog Redis run with the shipped configuration
+    (the dialog store that survives a crash); the drop-in writes its table versions and
+    Kamailio uses it, the password never on a command line."""
+    with contextlib.ExitStack() as stack:
+        dialog_url = (stack.enter_context(dialog_redis(deployment.root / "dialog-redis"))
+                      if store == "redis" else "")
+        _kamailio_with_the_dropin(deployment, dialog_url)
+
+
+def _kamailio_with_the_dropin(d: Deployment, dialog_url: str) -> None:
     port = free_sip_port("127.0.0.1", "::1")
     fill_env(d.confdir / "proxy.env", {
         "SPITWALL_KAMAILIO_OPTS": "-A SIP_ADDR6=::1",  # dual stack
@@ -600,7 +651,8 @@ def test_kamailio_with_the_dropin_answers_and_scores_as_the_proxy_role(
         "SPITWALL_SIP_PORT": str(port), "SPITWALL_CHILDREN": "2", "SPITWALL_TCP_CHILDREN": "1",
         "SPITWALL_LOG_LEVEL": "2",
         "SPITWALL_NEXT_HOP": f"sip:127.0.0.1:{free_port('127.0.0.1', 'udp')}",
-        "SPITWALL_MEDIA_URI": "", "SPITWALL_DELIVER_URI": "", "SPITWALL_REDIS_TIMEOUT": "0.2"})
+        "SPITWALL_MEDIA_URI": "", "SPITWALL_DELIVER_URI": "", "SPITWALL_REDIS_TIMEOUT": "0.2",
+        **({"SPITWALL_DIALOG_REDIS": dialog_url} if dialog_url else {})})
     unit = parse_unit(DEBIAN_KAMAILIO, d.units / "kamailio.service.d" / "spitwall.conf")
     assert one(unit, "Service", "Type") == "forking"
     assert one(unit, "Service", "RuntimeDirectory") == "kamailio"
@@ -625,6 +677,10 @@ def test_kamailio_with_the_dropin_answers_and_scores_as_the_proxy_role(
 
     run_hooks("ExecStartPre")  # the dialog database's tables
     assert sorted(p.name for p in dialogs.iterdir()) == ["dialog", "dialog_vars", "version"]
+    if dialog_url:  # the Redis store's table versions, which db_redis checks at start
+        assert env["SPITWALL_DIALOG_REDIS"] == dialog_url
+        versions = redis.Redis.from_url(dialog_url).hgetall("version:entry::dialog")
+        assert versions[b"table_name"] == b"dialog" and versions[b"table_version"].isdigit()
     log = d.root / "kamailio.log"
     with log.open("ab") as out:
         # Type=forking: systemd waits for the first process to exit, then reads PIDFile=
@@ -655,6 +711,9 @@ def test_kamailio_with_the_dropin_answers_and_scores_as_the_proxy_role(
         workers = _kamailio_pids(marker)
         assert pid in workers and len(workers) > 3
         _assert_no_secret(workers, d.passwords["proxy"])
+        if dialog_url:  # Kamailio connected to it (db_redis): the password stays in the env
+            _assert_no_secret(workers, dialog_url.split("@")[0].rsplit(":", 1)[1])
+            assert wait_until(lambda: _clients(dialog_url) >= 1, 10.0)
 
         reply = _send_invite(port)
         assert reply.startswith(b"SIP/2.0 "), reply[:80]

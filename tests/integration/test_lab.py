@@ -338,6 +338,13 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
                                            "between 1 and 86400 seconds, not 90000")
     no_dialogs = _cli("lab", "up", "--workdir", workdir, "--dialog-timeout", "0")
     assert no_dialogs.returncode == 2 and "must be at least 1" in no_dialogs.stderr
+    period = _cli("lab", "up", "--workdir", workdir, "--dialog-db-period", "5")
+    assert period.returncode == 1
+    assert period.stderr.strip() == ("spitwall lab up: error: --dialog-db-period is for "
+                                     "--dialog-store redis (the text store is written at a "
+                                     "clean stop)")
+    store = _cli("lab", "up", "--workdir", workdir, "--dialog-store", "mysql")
+    assert store.returncode == 2 and "invalid choice: 'mysql'" in store.stderr
 
 
 def test_cli_broken_config_prints_log_tail(tmp_path: Path, redis_url: str) -> None:

@@ -1,4 +1,5 @@
-"""ops.dialogdb: the dialog module's db_text directory, kept after a clean stop only."""
+"""ops.dialogdb: the dialog module's db_text directory, kept after a clean stop only, and the
+Redis store's table versions (against a real redis-server)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import stat
 from pathlib import Path
 
 import pytest
+import redis
 
 from ops import dialogdb
+from ops.procs import free_port
 
 ROW = "1:1665:11589:call-1@example:sip\\:alice@example:tag1\n"
 
@@ -103,3 +106,64 @@ def test_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     blocker.write_text("")
     assert dialogdb.main([str(blocker / "dialogs")]) == 1
     assert capsys.readouterr().err.startswith("error: cannot prepare")
+
+
+# -- the Redis store (db_redis) ---------------------------------------------------------------
+
+
+def test_prepare_redis_writes_the_table_versions(r: redis.Redis, redis_url: str) -> None:
+    r.hset("dialog:entry::1:2", mapping={"callid": "c1"})  # a dialog of the last run: kept
+    done = dialogdb.prepare_redis(redis_url)
+    shipped = dialogdb.redis_versions()
+    assert done == [f"{name}: version {v}" for name, v in shipped.items()]
+    for name, version in shipped.items():
+        row = r.hgetall(f"version:entry::{name}")
+        assert row == {"table_name": name, "table_version": str(version)}
+    assert dialogdb.prepare_redis(redis_url) == done  # idempotent
+    assert r.hget("dialog:entry::1:2", "callid") == "c1"
+    # the versions are the ones kamailio-redis-modules ships (line 2 of each schema file)
+    assert shipped["dialog"] == int(
+        (dialogdb.REDIS_SCHEMA_DIR / "dialog").read_text().splitlines()[1])
+
+
+@pytest.mark.parametrize("url", [
+    "rediss://127.0.0.1:6380/0", "redis+sentinel://h:26379/m", "redis://user:pw@127.0.0.1:1/0",
+    "redis://127.0.0.1/0", "redis://127.0.0.1:6380", "redis://127.0.0.1:6380/x",
+    "redis://127.0.0.1:99999/0", "unix:///run/redis.sock", "",
+])
+def test_redis_urls_db_redis_cannot_use_are_refused(url: str) -> None:
+    with pytest.raises(dialogdb.DialogDbError, match="redis://"):
+        dialogdb.check_redis_url(url)
+
+
+def test_redis_url_errors_do_not_show_the_password(tmp_path: Path) -> None:
+    with pytest.raises(dialogdb.DialogDbError) as err:
+        dialogdb.check_redis_url("redis://:s3cret@127.0.0.1/0")
+    assert "s3cret" not in str(err.value) and ":***@" in str(err.value)
+    assert dialogdb.check_redis_url("redis://:s3cret@127.0.0.1:6380/0")
+    with pytest.raises(dialogdb.DialogDbError, match="kamailio-redis-modules"):
+        dialogdb.redis_versions(tmp_path)
+    # a Redis that does not answer: a clear error, not a traceback
+    with pytest.raises(dialogdb.DialogDbError, match="cannot write") as err:
+        dialogdb.prepare_redis(f"redis://:s3cret@127.0.0.1:{free_port('127.0.0.1', 'tcp')}/0",
+                               timeout=0.5)
+    assert "s3cret" not in str(err.value)
+
+
+def test_redis_env_for_systemd(redis_url: str, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert dialogdb.redis_from_env({}) is None
+    with pytest.raises(dialogdb.DialogDbError, match="set but empty"):
+        dialogdb.redis_from_env({dialogdb.REDIS_ENV: " "})
+    monkeypatch.delenv(dialogdb.REDIS_ENV, raising=False)
+    assert dialogdb.main(["--redis-env"]) == 0
+    assert "not set" in capsys.readouterr().out
+    monkeypatch.setenv(dialogdb.REDIS_ENV, "")
+    assert dialogdb.main(["--redis-env"]) == 1
+    assert "remove the line" in capsys.readouterr().err
+    monkeypatch.setenv(dialogdb.REDIS_ENV, redis_url)
+    assert dialogdb.main(["--redis-env"]) == 0
+    assert "dialog: version" in capsys.readouterr().out
+    assert dialogdb.main(["--redis", redis_url]) == 0
+    assert dialogdb.main(["--redis", "rediss://x:1/0"]) == 1
+    assert dialogdb.main(["--redis"]) == 2
