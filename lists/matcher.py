@@ -12,7 +12,7 @@ import fnmatch
 import ipaddress
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from lists.model import ListEntry, normalise_number
@@ -32,17 +32,26 @@ class ListMatcher:
     def __init__(self, entries: Iterable[ListEntry]) -> None:
         self._exact: dict[tuple[str, str], ListEntry] = {}
         self._nets: dict[int, dict[ipaddress.IPv4Network | ipaddress.IPv6Network, ListEntry]] = {}
-        self._ua: list[tuple[re.Pattern[str], ListEntry]] = []
+        #: User-Agent patterns: (the pattern's match or search, entry), in list order, and all
+        #: of them in one regex, so that the usual User-Agent (no pattern) costs one scan
+        self._ua: list[tuple[Callable[[str], re.Match[str] | None], ListEntry]] = []
+        self._ua_any: re.Pattern[str] | None = None
         self.size = 0
+        anchored: list[str] = []
         for e in entries:
             self.size += 1
             if e.kind == "cidr":
                 net = ipaddress.ip_network(e.value, strict=False)
                 self._nets.setdefault(net.prefixlen * 10 + net.version, {})[net] = e
             elif e.kind == "ua":
-                self._ua.append((_ua_regex(e.value), e))
+                rx = _ua_regex(e.value)
+                glob = _is_glob(e.value)
+                self._ua.append((rx.match if glob else rx.search, e))
+                anchored.append(rf"\A(?:{rx.pattern})" if glob else rx.pattern)
             else:
                 self._exact[(e.kind, e.value)] = e
+        if anchored:
+            self._ua_any = re.compile("|".join(f"(?:{p})" for p in anchored), re.IGNORECASE)
 
     def _get(self, kind: str, value: str, now: float) -> ListEntry | None:
         e = self._exact.get((kind, value))
@@ -81,11 +90,12 @@ class ListMatcher:
                 e = self._get("number", num, t)
                 if e:
                     return ListHit(e, f"number {num}")
-        if user_agent and self._ua:
+        if user_agent and self._ua_any is not None:
             low = user_agent.lower()
-            for rx, e in self._ua:
-                if not e.expired(t) and (rx.match(low) if _is_glob(e.value) else rx.search(low)):
-                    return ListHit(e, f"user-agent {e.value!r}")
+            if self._ua_any.search(low):  # some pattern matches: which is the first live one
+                for find, e in self._ua:
+                    if not e.expired(t) and find(low):
+                        return ListHit(e, f"user-agent {e.value!r}")
         if country:
             e = self._get("country", country.upper(), t)
             if e:

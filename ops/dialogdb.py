@@ -31,10 +31,11 @@ changed dialogs every ``DIALOG_DB_PERIOD`` seconds from its timer (``db_mode`` 2
 the INVITE's path) and removes a written dialog when its BYE passes (one round trip in that
 worker). A crash then loses only the dialogs younger than the period; the Redis must be this
 proxy's own (dialog ids are per Kamailio instance), on its host (the BYE's removal waits for
-it), with append-only persistence (it must outlive a crash of the host's processes). Calls
+it), with append-only persistence (it must outlive a crash of Kamailio and of itself). Calls
 that ended while the proxy was down are revived with the rest and end at their timeout, which
 gives no duration feedback and an intercept ``Release`` with reason ``dialog timeout``.
-`prepare_redis` writes the table versions db_redis checks at start (idempotent).
+`prepare_redis` writes the table versions db_redis checks at start (idempotent), and refuses a
+Redis holding spitwall's shared state (db_redis' keys have no ``spitwall:`` prefix, no hash tag).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from scoring import keys
 
 #: where Debian's kamailio package installs the db_text table definitions
 SCHEMA_DIR = Path("/usr/share/kamailio/dbtext/kamailio")
@@ -183,6 +186,12 @@ def prepare_redis(url: str, schema_dir: Path = REDIS_SCHEMA_DIR,
     versions = redis_versions(schema_dir)
     client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
+        # db_redis' keys have neither the spitwall: prefix nor hash tags: they must not land
+        # in the shared Redis (DESIGN.md's key contract), so refuse one that holds ours
+        _cursor, ours = client.scan(0, match=f"{keys.PREFIX}:*", count=1000)
+        if ours or client.exists(keys.CONFIG_VERSION, keys.LISTS_VERSION, keys.STATS):
+            raise DialogDbError(f"{_redacted(url)} holds spitwall's shared state: the dialog "
+                                "store must be a Redis of its own (the proxy's, on its host)")
         pipe = client.pipeline(transaction=True)
         for name, version in versions.items():
             pipe.hset(f"version:entry::{name}",

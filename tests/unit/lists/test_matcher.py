@@ -236,3 +236,15 @@ def test_snapshot_lists_are_separate() -> None:
     assert snap.allow.match(ip="192.0.2.1") is not None
     assert snap.allow.match(ip="192.0.2.2") is None
     assert snap.block.match(ip="192.0.2.2") is not None
+
+
+def test_user_agent_patterns_keep_list_order_and_expiry() -> None:
+    """All patterns are searched in one regex first; the hit is still the first live entry."""
+    old = entry("ua", "scan*", reason="old", expires=100.0)
+    lst = m(old, entry("ua", "scanner", reason="live"), entry("ua", "zz", reason="other"))
+    hit = lst.match(user_agent="Scanner-9000", now=50.0)
+    assert hit is not None and hit.entry.reason == "old"  # first in order, not yet expired
+    hit = lst.match(user_agent="Scanner-9000", now=200.0)
+    assert hit is not None and hit.entry.reason == "live" and hit.on == "user-agent 'scanner'"
+    assert m(old).match(user_agent="scanner", now=200.0) is None  # only an expired one matches
+    assert lst.match(user_agent="xscan", now=50.0) is None  # the glob stays anchored

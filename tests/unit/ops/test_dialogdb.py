@@ -167,3 +167,17 @@ def test_redis_env_for_systemd(redis_url: str, monkeypatch: pytest.MonkeyPatch,
     assert dialogdb.main(["--redis", redis_url]) == 0
     assert dialogdb.main(["--redis", "rediss://x:1/0"]) == 1
     assert dialogdb.main(["--redis"]) == 2
+
+
+def test_the_shared_redis_is_refused_as_dialog_store(r: redis.Redis, redis_url: str) -> None:
+    """db_redis' keys carry no spitwall: prefix nor hash tag: not in spitwall's own Redis."""
+    from scoring import keys
+
+    r.set(keys.CONFIG_VERSION, 3)
+    with pytest.raises(dialogdb.DialogDbError, match="a Redis of its own"):
+        dialogdb.prepare_redis(redis_url)
+    assert not r.exists("version:entry::dialog")
+    r.delete(keys.CONFIG_VERSION)
+    r.set("spitwall:{ip:192.0.2.1}:inv:10:1", 1)  # any key of ours
+    with pytest.raises(dialogdb.DialogDbError, match="a Redis of its own"):
+        dialogdb.prepare_redis(redis_url)
