@@ -1263,7 +1263,10 @@ def _cmd_restart_proxy(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps({"workdir": str(lab.workdir), "kamailio": pid}))
     else:
-        print(f"kamailio restarted (pid {pid}); dialogs kept in {state.dialog_db or 'nothing'}")
+        kept = state.dialog_db or (f"the dialog Redis on 127.0.0.1:{state.dialog_redis_port} "
+                                   "(those older than its write period)"
+                                   if state.dialog_redis_port else "nothing")
+        print(f"kamailio restarted (pid {pid}); dialogs kept in {kept}")
     return 0
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -118,7 +120,11 @@ def test_ended_calls_leave_the_store_and_are_not_revived(lab_factory: Any) -> No
         # written by the dialog timer within the period (a clean stop does not write what the
         # timer has not written yet: db_mode 2 leaves the main process no database handle)
         assert wait_until(lambda: stored(lab) == 1, 5)
-        lab.restart_kamailio()
+        restarted = subprocess.run(  # as an operator: `spitwall lab restart-proxy`
+            [sys.executable, "-m", "ops.cli", "lab", "restart-proxy", "--workdir",
+             str(lab.workdir)], capture_output=True, text=True, timeout=60, check=False)
+        assert restarted.returncode == 0, restarted.stderr
+        assert "dialogs kept in the dialog Redis on 127.0.0.1:" in restarted.stdout
         assert dialogs(lab) == 1
         thread.join(timeout=30)
         assert result and set(result[0].bye_status.values()) == {200}, result
