@@ -7,13 +7,11 @@ plain call its call-duration feedback. Real Kamailio (db_redis), redis-server, S
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +21,8 @@ import redis
 from ops.lab import Lab
 from ops.procs import pid_alive, pid_cmdline, wait_until
 from ops.sipp import UacResult, run_uac, start_uas
-from scoring import config_admin
-from tests.integration.helpers import rows, spitwall
-from tests.integration.test_intercept_proxy import events_of, provision, unprovision
-from tests.integration.test_restart import _call_in_background, dialogs
-from tests.intercept_certs import make_recipient
+from tests.integration.helpers import rows
+from tests.integration.test_restart import dialogs, target_call_across
 
 pytestmark = pytest.mark.integration
 
@@ -53,47 +48,18 @@ def crash(lab: Lab) -> None:
 @pytest.mark.timeout(120)
 def test_target_call_up_across_a_crash_gets_its_release(
         lab_factory: Any, tmp_path: Path, redis_url: str) -> None:
-    from tests.integration.test_intercept_proxy import new_key, sdes, srtp_uas
+    def crash_and_start(lab: Lab) -> None:
+        assert lab.state is not None and lab.state.dialog_redis_port
+        assert not lab.state.dialog_db  # the Redis store replaces the db_text one
+        secret = lab.state.dialog_redis_url().split(":")[2].split("@")[0]
+        assert secret not in " ".join(pid_cmdline(lab.state.pids["kamailio"]) or [])
+        assert wait_until(lambda: stored(lab) == 1, 5)  # the dialog timer wrote it
+        crash(lab)
+        lab.restart_kamailio()  # reads it back from Redis
 
-    recipient = make_recipient("li-recorder")
-    client = redis.Redis.from_url(redis_url)
-    caller = f"tgt{uuid.uuid4().hex[:8]}"
-    liid = provision(client, recipient, f"{caller}@127.0.0.2")
-    config_admin.set_value(client, "reputation.long_call", "2", user="test")
-    try:
-        with srtp_uas(tmp_path / "uas", sdes(new_key(), 2222)) as uas:
-            lab: Lab = lab_factory(next_hop=f"sip:127.0.0.1:{uas.port}", children=2,
-                                   dialog_store="redis", dialog_db_period=1)
-            assert lab.state is not None and lab.state.dialog_redis_port
-            assert not lab.state.dialog_db  # the Redis store replaces the db_text one
-            secret = lab.state.dialog_redis_url().split(":")[2].split("@")[0]
-            assert secret and secret not in " ".join(pid_cmdline(lab.state.pids["kamailio"])
-                                                     or [])
-            thread, result = _call_in_background(lab, tmp_path / "uac", caller)
-            answered = events_of(client, recipient, liid, wait_for="Answer")
-            assert [e for e, _ in answered] == ["Origination", "Keys", "Answer"], answered
-            assert wait_until(lambda: stored(lab) == 1, 5)  # the dialog timer wrote it
-
-            crash(lab)
-            lab.restart_kamailio()
-            assert dialogs(lab) == 1  # read back from Redis
-
-            thread.join(timeout=40)
-            assert not thread.is_alive(), "the call did not end"
-            assert isinstance(result[0], str), result  # SIPp's BYE got its 200
-            call_id = result[0]
-            events = events_of(client, recipient, liid, wait_for="Release", timeout=15)
-            shown = json.loads(spitwall("report", f"{caller}@127.0.0.2", "show", "--json",
-                                        redis_url=redis_url).stdout)
-            assert wait_until(lambda: stored(lab) == 0, 5)  # the BYE removed it
-    finally:
-        unprovision(client, liid)
-        client.close()
-    assert [e for e, _ in events] == ["Origination", "Keys", "Answer", "Release"], events
-    release = json.loads(dict(events)["Release"].split("\r\n\r\n", 1)[1])
-    assert release["call_id"] == call_id and release["reason"] == "BYE"
-    # the call's end is fed back to the caller's reputation (6 s > long_call = 2 s)
-    assert shown["caller"]["events"] == 1, shown
+    lab = target_call_across(lab_factory, tmp_path, redis_url, crash_and_start,
+                             dialog_store="redis", dialog_db_period=1)
+    assert wait_until(lambda: stored(lab) == 0, 5)  # the BYE removed it
 
 
 @pytest.mark.timeout(120)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +74,12 @@ def _call_in_background(lab: Lab, workdir: Path, caller: str) -> tuple[threading
     return thread, result
 
 
-@pytest.mark.timeout(120)
-def test_target_call_up_across_a_restart_gets_its_release(
-        lab_factory: Any, tmp_path: Path, redis_url: str) -> None:
+def target_call_across(lab_factory: Any, tmp_path: Path, redis_url: str,
+                       interrupt: Callable[[Lab], None], **up: Any) -> Lab:
+    """An intercept target's SRTP call is answered through a fresh lab (``up``: more
+    `Lab.up` arguments), ``interrupt(lab)`` restarts Kamailio meanwhile (cleanly, or after a
+    crash), then the call ends with its BYE: asserts that the case still got its Release (for
+    that call, reason BYE) and the caller its call-duration feedback. Returns the lab (up)."""
     recipient = make_recipient("li-recorder")
     client = redis.Redis.from_url(redis_url)
     caller = f"tgt{uuid.uuid4().hex[:8]}"
@@ -83,16 +87,16 @@ def test_target_call_up_across_a_restart_gets_its_release(
     config_admin.set_value(client, "reputation.long_call", "2", user="test")
     try:
         with srtp_uas(tmp_path / "uas", sdes(new_key(), 2222)) as uas:
-            lab: Lab = lab_factory(next_hop=f"sip:127.0.0.1:{uas.port}", children=2)
-            assert lab.state is not None and lab.state.dialog_db
+            lab: Lab = lab_factory(next_hop=f"sip:127.0.0.1:{uas.port}", children=2, **up)
+            assert lab.state is not None
             thread, result = _call_in_background(lab, tmp_path / "uac", caller)
             answered = events_of(client, recipient, liid, wait_for="Answer")
             assert [e for e, _ in answered] == ["Origination", "Keys", "Answer"], answered
             old_pid = lab.state.pids["kamailio"]
 
-            lab.restart_kamailio()
+            interrupt(lab)
             assert lab.state.pids["kamailio"] != old_pid
-            assert dialogs(lab) == 1  # written at the shutdown, read at the start
+            assert dialogs(lab) == 1  # the new Kamailio knows the call
 
             thread.join(timeout=40)
             assert not thread.is_alive(), "the call did not end"
@@ -106,10 +110,21 @@ def test_target_call_up_across_a_restart_gets_its_release(
         unprovision(client, liid)
         client.close()
     assert [e for e, _ in events] == ["Origination", "Keys", "Answer", "Release"], events
-    release = dict(events)["Release"]
-    assert call_id in release
+    release = json.loads(dict(events)["Release"].split("\r\n\r\n", 1)[1])
+    assert release["call_id"] == call_id and release["reason"] == "BYE"
     assert shown["caller"]["events"] == 1, shown
     assert attr(dict(events)["Keys"], "crypto")[0].startswith(f"1 {SUITE} inline:")
+    return lab
+
+
+@pytest.mark.timeout(120)
+def test_target_call_up_across_a_restart_gets_its_release(
+        lab_factory: Any, tmp_path: Path, redis_url: str) -> None:
+    def restart(lab: Lab) -> None:
+        assert lab.state is not None and lab.state.dialog_db  # the db_text store, the default
+        lab.restart_kamailio()  # clean: the dialog is written at the shutdown, read at start
+
+    target_call_across(lab_factory, tmp_path, redis_url, restart)
 
 
 @pytest.mark.timeout(120)

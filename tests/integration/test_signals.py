@@ -117,27 +117,27 @@ def test_dialog_timeout_is_no_call_duration(lab_factory: Any) -> None:
                      ("reputation.short_call", "0.5"), ("reputation.long_call", "1")):
             assert spitwall("config", "set", k, v, redis_url=r.redis_url).returncode == 0
         caller = "2025550177"
+
+        def call(hold_ms: int) -> tuple[dict[str, int], dict[str, Any]]:
+            """One call from `caller` ended by its BYE after `hold_ms`: (stats, reputation)."""
+            res = run_uac(r.host, r.port, "127.0.12.3", 1, 5, rows(1, caller=caller),
+                          hold_ms=hold_ms)
+            assert res.count(200) == 1 and set(res.bye_status.values()) == {200}, res.summary()
+            time.sleep(0.3)
+            stats = json.loads(spitwall("stats", "--json", redis_url=r.redis_url).stdout)
+            shown = json.loads(spitwall("report", caller, "show", "--json",
+                                        redis_url=r.redis_url).stdout)
+            return stats, shown["caller"]
+
         # a "long" call here, ended before the timeout (after 2-3 s: whole timer ticks)
-        ended = run_uac(r.host, r.port, "127.0.12.3", 1, 5, rows(1, caller=caller),
-                        hold_ms=1400)
-        assert ended.count(200) == 1 and set(ended.bye_status.values()) == {200}, ended.summary()
-        time.sleep(0.3)
-        stats = json.loads(spitwall("stats", "--json", redis_url=r.redis_url).stdout)
+        stats, before = call(1400)
         assert stats.get("feedback:long_call", 0) == 1, stats
         assert stats.get("dialog_timeout", 0) == 0, stats
-        before = json.loads(spitwall("report", caller, "show", "--json",
-                                     redis_url=r.redis_url).stdout)["caller"]
         # the BYE comes after 5 s, the dialog timed out at 2-3 s: the BYE is still relayed
         # (record-routed), but the call's "duration" is unknown
-        late = run_uac(r.host, r.port, "127.0.12.3", 1, 5, rows(1, caller=caller),
-                       hold_ms=5000)
-        assert late.count(200) == 1 and set(late.bye_status.values()) == {200}, late.summary()
-        time.sleep(0.3)
-        stats = json.loads(spitwall("stats", "--json", redis_url=r.redis_url).stdout)
+        stats, after = call(5000)
         assert stats.get("dialog_timeout", 0) == 1, stats
         assert stats.get("feedback:long_call", 0) == 1, stats
-        after = json.loads(spitwall("report", caller, "show", "--json",
-                                    redis_url=r.redis_url).stdout)["caller"]
         assert after["events"] == before["events"], (before, after)
 
 
