@@ -298,6 +298,8 @@ class Handler:
 
     # -- request routing -----------------------------------------------------------------
     def _request_route(self) -> int:
+        if self._flooding():
+            return 1  # dropped, unanswered: a reply would feed the flood
         if KSR.maxfwd.process_maxfwd(10) < 0:
             KSR.sl.sl_send_reply(483, "Too Many Hops")
             return 1
@@ -343,6 +345,25 @@ class Handler:
             return 1
         self._relay(set_next_hop=True)
         return 1
+
+    def _flooding(self) -> bool:
+        """A request flood from one source (Kamailio's pike, FLOOD_DENSITY): True when this
+        request is to be dropped before any other work -- no scoring, no Redis, no reply.
+        Sources on the trusted or allow list (peering trunks) are never dropped."""
+        svc = self.service
+        if svc is None or not svc.config["flood.check"] or KSR.pike.pike_check_req() > 0:
+            return False
+        # a flagged source is rare: make sure the config and lists (a trunk just trusted, the
+        # check just turned off) are the live ones -- at most one round trip a second
+        svc.fresh()
+        if not svc.config["flood.check"]:
+            return False
+        source = read_pv("$si", 64)
+        if svc.lists.trusted.match(ip=source) or svc.lists.allow.match(ip=source):
+            return False
+        svc.counters["flood_dropped"] += 1
+        svc.maybe_flush_counters()
+        return True
 
     def _srtp_subscribe(self) -> bool:
         """Recorders SUBSCRIBE to the proxy for the `srtp` event package (key disclosure):

@@ -175,6 +175,9 @@ class LabState:
     #: (0 = the db_text store of ``dialog_db``) and how often the dialog module writes (s)
     dialog_redis_port: int = 0
     dialog_db_period: int = 0
+    #: requests per 2 s above which a source's requests are dropped (FLOOD_DENSITY; 0 =
+    #: kamailio.cfg's default)
+    flood_density: int = 0
 
     def dialog_redis_url(self) -> str:
         """The dialog store's URL with its password (read from its 0600 file), or ''."""
@@ -559,8 +562,12 @@ class Lab:
         dialog_timeout: int = 0,
         dialog_store: str = "text",
         dialog_db_period: int = 0,
+        flood_density: int = 0,
     ) -> LabState:
         """Start the lab and return once every service answers.
+
+        ``flood_density`` (0 = kamailio.cfg's default): a source sending more requests than
+        this per 2 s is dropped before scoring (`FLOOD_DENSITY`, Kamailio's pike).
 
         ``dialog_store``: where Kamailio keeps its dialogs across restarts: "text" (a db_text
         directory, written at a clean stop) or "redis" (a redis-server of the lab's own with
@@ -594,6 +601,9 @@ class Lab:
         if dialog_db_period and dialog_store != "redis":
             raise LabError("--dialog-db-period is for --dialog-store redis (the text store is "
                            "written at a clean stop)")
+        if not 0 <= flood_density <= 10_000_000:
+            raise LabError(f"--flood-density must be between 1 and 10000000, not "
+                           f"{flood_density}")
         if not 0 <= dialog_db_period <= 3600:
             raise LabError(f"--dialog-db-period must be between 1 and 3600 seconds, not "
                            f"{dialog_db_period}")
@@ -632,7 +642,7 @@ class Lab:
                     return self._start_all(
                         sip_addr, sip_port, redis_url, redis_port, next_hop, media_port, children,
                         timeout, redis_users, media_uri, sip_addr6 or "", sip_tls,
-                        dialog_timeout, dialog_store, dialog_db_period,
+                        dialog_timeout, dialog_store, dialog_db_period, flood_density,
                     )
                 except LabError as exc:
                     if attempt == PORT_RACE_ATTEMPTS or not lost_port_race(exc):
@@ -659,6 +669,7 @@ class Lab:
         dialog_timeout: int = 0,
         dialog_store: str = "text",
         dialog_db_period: int = 0,
+        flood_density: int = 0,
     ) -> LabState:
         own_redis = redis_url is None
         make_users = own_redis if redis_users is None else redis_users
@@ -683,6 +694,7 @@ class Lab:
             started_at=time.time(),
             sip_addr6=sip_addr6,
             dialog_timeout=dialog_timeout,
+            flood_density=flood_density,
         )
         if dialog_store == "redis":
             state.dialog_redis_port = free_port("127.0.0.1", "tcp")
@@ -848,6 +860,7 @@ class Lab:
             "-A", f"DELIVER_URI={state.deliver_uri or 'none'}",
             "-A", f"CHILDREN={state.children}",
             *(["-A", f"DIALOG_TIMEOUT={state.dialog_timeout}"] if state.dialog_timeout else []),
+            *(["-A", f"FLOOD_DENSITY={state.flood_density}"] if state.flood_density else []),
             *(["-A", f'DIALOG_DB="{dialogdb.url(Path(state.dialog_db))}"']
               if state.dialog_db else []),
             "-A", f"SPITWALL_ROOT={REPO_ROOT}",
@@ -1126,6 +1139,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up.add_argument("--dialog-db-period", type=_positive, default=0, metavar="SECONDS",
                     help="--dialog-store redis: how often new dialogs are written "
                          "(default: kamailio.cfg's, 2)")
+    up.add_argument("--flood-density", type=_positive, default=0, metavar="N",
+                    help="a source sending more than N requests per 2 s is dropped before "
+                         "scoring (default: kamailio.cfg's, 1000)")
     up.add_argument("--dialog-timeout", type=_positive, default=0, metavar="SECONDS",
                     help="how long Kamailio tracks a call without a BYE (default: "
                          "kamailio.cfg's, 14400)")
@@ -1203,6 +1219,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             dialog_timeout=args.dialog_timeout,
             dialog_store=args.dialog_store,
             dialog_db_period=args.dialog_db_period,
+            flood_density=args.flood_density,
         )
     except LabError as exc:
         if exc.log_tail:

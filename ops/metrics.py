@@ -183,6 +183,9 @@ EXACT["labelled"] = ("spitwall_labelled_calls",
 EXACT["media_fallback"] = ("spitwall_divert_fallback",
                            "Diverted calls relayed to the callee because the answering machine "
                            "did not take them (media.fallback=relay).", None, "")
+EXACT["flood_dropped"] = ("spitwall_flood_dropped",
+                          "Requests dropped unanswered, before scoring, because their source "
+                          "sent more than FLOOD_DENSITY per 2 s (flood.check).", None, "")
 EXACT["dialog_timeout"] = ("spitwall_dialog_timeouts",
                            "Tracked calls that ended at the dialog timeout, not with a BYE "
                            "through the proxy (no call-duration feedback).", None, "")

@@ -218,6 +218,9 @@ def _params() -> dict[str, Param]:
         Param("scanner.non_invite", "choice", "drop",
               "what to do with non-INVITE requests from scanner User-Agents",
               choices=("drop", "reject", "ignore")),
+        Param("flood.check", "bool", True,
+              "drop, before scoring and unanswered, the requests of a source sending more than "
+              "FLOOD_DENSITY per 2 s (Kamailio's pike; trusted and allow-listed sources never)"),
         Param("label.threshold", "float", 1.0,
               "relayed calls scoring at least this get a Call-Info label (spam likely, with "
               "the score as confidence); 1.0 labels none", 0.0, 1.0),

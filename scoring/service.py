@@ -35,7 +35,7 @@ COUNTER_FLUSH = 5.0  # seconds between flushes of a child's own counters to `spi
 FLUSHED_COUNTERS = frozenset({
     "redis_unavailable", "record_lost", "pass_token_accepted", "pass_token_refused",
     "config_reload_failed", "lists_reload_failed", "ring_control_stripped", "relay_disabled",
-    "emergency",
+    "emergency", "flood_dropped",
 })
 FLUSHED_PREFIXES = ("check_error:",)
 #: seconds a process trusts its config without a look at Redis's versions (`fresh`)
