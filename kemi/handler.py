@@ -300,6 +300,11 @@ class Handler:
     def _request_route(self) -> int:
         if self._flooding():
             return 1  # dropped, unanswered: a reply would feed the flood
+        if self.service is not None:
+            # what this worker counted on its own (fail-open INVITEs, ...) goes to `spitwall
+            # stats` at most every 5 s: on any request, not only INVITEs -- a worker may see
+            # only ACKs, BYEs and replies for a long while
+            self.service.maybe_flush_counters()
         if KSR.maxfwd.process_maxfwd(10) < 0:
             KSR.sl.sl_send_reply(483, "Too Many Hops")
             return 1

@@ -180,7 +180,7 @@ def test_fail_open_when_redis_is_down_and_recovery(lab_factory: Any, redis_serve
         found = [find_decision(client, cid) for cid in res.outcomes]
         assert any(d is not None and not d["degraded"] for d in found), found
         # the calls that failed open are counted in `spitwall stats` once Redis is back (each
-        # child flushes its own counters at most every few seconds, on its next call)
+        # child flushes its own counters at most every few seconds, on its next request)
         deadline = time.monotonic() + 20
         unscored = 0
         while unscored < 4 and time.monotonic() < deadline:
