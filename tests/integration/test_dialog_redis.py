@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,13 @@ import redis
 
 from ops.lab import Lab
 from ops.procs import pid_alive, pid_cmdline, wait_until
-from ops.sipp import UacResult, run_uac, start_uas
+from ops.sipp import run_uac, start_uas
 from tests.integration.helpers import rows
-from tests.integration.test_restart import dialogs, target_call_across
+from tests.integration.test_restart import (
+    dialogs,
+    target_call_across,
+    uac_in_background,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -78,10 +81,7 @@ def test_ended_calls_leave_the_store_and_are_not_revived(lab_factory: Any) -> No
         lab.restart_kamailio()
         assert dialogs(lab) == 0
 
-        result: list[UacResult] = []
-        thread = threading.Thread(target=lambda: result.append(run_uac(
-            "127.0.0.1", port, "127.0.41.3", 1, 5, rows(1), hold_ms=4000)), daemon=True)
-        thread.start()
+        thread, result = uac_in_background(port, "127.0.41.3", 1, 4000)
         assert wait_until(lambda: dialogs(lab, "state: 4") == 1, 10)
         # written by the dialog timer within the period (a clean stop does not write what the
         # timer has not written yet: db_mode 2 leaves the main process no database handle)
@@ -109,10 +109,7 @@ def test_calls_go_on_when_the_dialog_redis_is_down(lab_factory: Any) -> None:
                                dialog_store="redis", dialog_db_period=1)
         assert lab.state is not None
         port = lab.state.sip_port
-        result: list[UacResult] = []
-        thread = threading.Thread(target=lambda: result.append(run_uac(
-            "127.0.0.1", port, "127.0.41.4", 2, 5, rows(2), hold_ms=3000)), daemon=True)
-        thread.start()
+        thread, result = uac_in_background(port, "127.0.41.4", 2, 3000)
         assert wait_until(lambda: stored(lab) == 2, 8)  # written: their BYEs must remove them
         dialog_redis = lab.state.pids["dialog-redis"]
         os.kill(dialog_redis, signal.SIGKILL)

@@ -74,6 +74,17 @@ def _call_in_background(lab: Lab, workdir: Path, caller: str) -> tuple[threading
     return thread, result
 
 
+def uac_in_background(port: int, src_ip: str, calls: int,
+                      hold_ms: int) -> tuple[threading.Thread, list[UacResult]]:
+    """`calls` plain calls from `src_ip` to the proxy on `port`, each held `hold_ms` after its
+    ACK, in a thread; the list gets the SIPp result when they are done."""
+    result: list[UacResult] = []
+    thread = threading.Thread(target=lambda: result.append(run_uac(
+        "127.0.0.1", port, src_ip, calls, 5, rows(calls), hold_ms=hold_ms)), daemon=True)
+    thread.start()
+    return thread, result
+
+
 def target_call_across(lab_factory: Any, tmp_path: Path, redis_url: str,
                        interrupt: Callable[[Lab], None], **up: Any) -> Lab:
     """An intercept target's SRTP call is answered through a fresh lab (``up``: more
@@ -135,10 +146,7 @@ def test_dialogs_that_ended_before_a_crash_are_not_revived(lab_factory: Any) -> 
         lab: Lab = lab_factory(next_hop=f"sip:127.0.0.1:{hop.port}", children=2)
         assert lab.state is not None
         port = lab.state.sip_port
-        result: list[UacResult] = []
-        thread = threading.Thread(target=lambda: result.append(run_uac(
-            "127.0.0.1", port, "127.0.41.1", 1, 5, rows(1), hold_ms=4000)), daemon=True)
-        thread.start()
+        thread, result = uac_in_background(port, "127.0.41.1", 1, 4000)
         assert wait_until(lambda: dialogs(lab, "state: 4") == 1, 10)  # answered and ACKed
         lab.restart_kamailio()  # clean: the call's dialog is written and read again
         assert dialogs(lab) == 1
